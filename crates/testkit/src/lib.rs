@@ -1,0 +1,1 @@
+//! Sample disks for tests, benchmarks and the quickstart. (Under construction.)

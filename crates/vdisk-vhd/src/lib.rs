@@ -1,0 +1,1 @@
+//! VHD reader and writer. (Under construction.)

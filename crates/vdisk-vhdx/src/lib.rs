@@ -1,0 +1,1 @@
+//! VHDX (MS-VHDX) reader and writer. (Under construction.)
