@@ -1,2 +1,134 @@
-//! Virtual disks of every format behind one interface. (Under construction.)
+//! Virtual disks of every format behind one interface.
+//!
+//! `vdisk` is what the rest of hyperkeep uses: it recognises a file's format by its content,
+//! opens it (with its differencing chain) as a [`VirtualDisk`], and implements the operations that
+//! work on any disk: convert, check, create a differencing child, merge a child into its parent.
+//! The formats live in their own crates: `vdisk-vhdx`, `vdisk-vhd`, and raw images in
+//! `vdisk-core`.
+//!
+//! THE SIGNATURES BELOW ARE THE CONTRACT OTHER CRATES AND TESTS CODE AGAINST. (Bodies are being
+//! written now.)
+
 pub use vdisk_core::*;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// Recognise a file's format by its content: VHDX by its `vhdxfile` identifier, VHD by a
+/// `conectix` footer (or header copy), anything else is raw.
+pub fn detect(path: &Path) -> Result<DiskFormat> {
+    let _ = path;
+    todo!()
+}
+
+/// Open any disk read-only (or writable with `opts.writable`), with its parent chain.
+pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn VirtualDisk>> {
+    let _ = (path, opts);
+    todo!()
+}
+
+/// Open any disk for writing (`opts.writable` is forced on).
+pub fn open_mut(path: &Path, opts: &OpenOptions) -> Result<Box<dyn VirtualDiskMut>> {
+    let _ = (path, opts);
+    todo!()
+}
+
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    pub format: DiskFormat,
+    pub virtual_size: u64,
+    /// Fixed (fully allocated) instead of dynamic. Raw images are always "fixed" but sparse.
+    pub fixed: bool,
+    /// Block size; `None` = the format's default (VHDX 32 MiB as Hyper-V does, VHD 2 MiB).
+    pub block_size: Option<u32>,
+    pub logical_sector_size: u32,
+    pub physical_sector_size: u32,
+}
+
+impl CreateOptions {
+    pub fn new(format: DiskFormat, virtual_size: u64) -> Self {
+        CreateOptions {
+            format,
+            virtual_size,
+            fixed: false,
+            block_size: None,
+            logical_sector_size: 512,
+            physical_sector_size: 4096,
+        }
+    }
+}
+
+/// Create a new, empty disk.
+pub fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn VirtualDiskMut>> {
+    let _ = (path, opts);
+    todo!()
+}
+
+/// Create a differencing child of `parent` (same format as the parent), open for writing.
+pub fn create_child(parent: &Path, child: &Path) -> Result<Box<dyn VirtualDiskMut>> {
+    let _ = (parent, child);
+    todo!()
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MergeReport {
+    pub child: PathBuf,
+    pub parent: PathBuf,
+    /// Guest bytes copied from the child into the parent.
+    pub bytes_merged: u64,
+}
+
+/// Merge a differencing child into its parent; afterwards the parent shows what the chain
+/// showed, and the child file is deleted (as Hyper-V's Merge-VHD does: the parent's identity
+/// changes, so the child could no longer be opened anyway).
+pub fn merge(child: &Path, opts: &OpenOptions) -> Result<MergeReport> {
+    let _ = (child, opts);
+    todo!()
+}
+
+/// Progress callback: (bytes done, bytes total).
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
+
+#[derive(Clone, Debug)]
+pub struct ConvertOptions {
+    pub format: DiskFormat,
+    pub fixed: bool,
+    pub block_size: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ConvertReport {
+    pub output: PathBuf,
+    pub virtual_size: u64,
+    /// Guest bytes read from the source (allocated ranges only).
+    pub bytes_read: u64,
+    /// Guest bytes written to the output (all-zero ranges are skipped in dynamic outputs).
+    pub bytes_written: u64,
+}
+
+/// Copy the guest view of `src` into a new disk at `dst`. Only allocated ranges of the source are
+/// read; unallocated and all-zero ranges stay unallocated in a dynamic output.
+pub fn convert(
+    src: &dyn VirtualDisk,
+    dst: &Path,
+    opts: &ConvertOptions,
+    progress: Option<Progress<'_>>,
+) -> Result<ConvertReport> {
+    let _ = (src, dst, opts, progress);
+    todo!()
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckReport {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+    /// Every problem found; empty means the file is clean.
+    pub problems: Vec<String>,
+}
+
+/// Check a disk file's structure (and its parent chain) without modifying it.
+pub fn check(path: &Path, opts: &OpenOptions) -> Result<CheckReport> {
+    let _ = (path, opts);
+    todo!()
+}
