@@ -1,1 +1,46 @@
-//! VHD reader and writer. (Under construction.)
+//! VHD ("Virtual Hard Disk Image Format Specification") reader and writer: fixed, dynamic and
+//! differencing disks, with parent chains.
+//!
+//! Why our own: the VHD crates we found read fixed and dynamic disks at best; none handles
+//! differencing chains with linkage checks, both locator encodings, damaged-footer recovery or
+//! writing, and none bounds its memory against hostile headers.
+//!
+//! Map of the crate:
+//! - [`format`]: the on-disk structures (footer, dynamic header, locators), checksum, CHS
+//!   geometry, time stamps.
+//! - [`disk`]: [`Vhd`] (open, read, map, info, write, create, create_child) and
+//!   [`CreateOptions`].
+//! - `parent`: finding and checking a differencing disk's parent.
+//! - `check`: [`check`], the structural checker.
+//!
+//! Rules worth knowing:
+//! - Size: CurrentSize is the disk's size, except for files whose creator is `qemu` whose CHS
+//!   geometry is not the maximum and disagrees with CurrentSize: qemu sizes those by CHS, and so
+//!   do we, so that our reads equal `qemu-img convert`. (qemu itself always writes matching
+//!   values, or `qem2` with `force_size`.) We write creator `win ` so that qemu sizes our files by
+//!   CurrentSize (see [`disk::CREATOR_APP`]).
+//! - Dynamic disks: a present block is read whole; its sector bitmap is informational (qemu
+//!   ignores it too). New blocks get every bit set. Writing zeros to an absent block allocates
+//!   nothing.
+//! - Differencing disks: sector bitmaps (MSB first) decide per sector between this layer and the
+//!   parent. Writes set only the written sectors' bits; partial sectors are merged with the
+//!   parent's bytes first. Parents are opened read-only and never modified.
+//! - Parent linkage: the parent's unique id must equal the child's parent unique id; a time stamp
+//!   mismatch is only a warning from [`check`] (copying a file changes it).
+//! - A damaged trailing footer with a good copy at offset 0 is recovered (and reported by
+//!   [`check`]); the next block allocation writes a good trailing footer again.
+
+pub mod check;
+pub mod disk;
+pub mod format;
+mod parent;
+
+pub use check::check;
+pub use disk::{CreateOptions, Vhd, CREATOR_APP, DEFAULT_BLOCK_SIZE};
+pub use format::DiskType;
+
+/// True if these bytes (the first and last 512 bytes of a file) look like a VHD: a `conectix`
+/// footer at the end, or its copy at the start (a dynamic disk whose trailing footer is damaged).
+pub fn is_vhd(first_512: &[u8], last_512: &[u8]) -> bool {
+    last_512.starts_with(format::FOOTER_COOKIE) || first_512.starts_with(format::FOOTER_COOKIE)
+}

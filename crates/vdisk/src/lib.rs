@@ -6,10 +6,26 @@
 //! The formats live in their own crates: `vdisk-vhdx`, `vdisk-vhd`, and raw images in
 //! `vdisk-core`.
 //!
-//! THE SIGNATURES BELOW ARE THE CONTRACT OTHER CRATES AND TESTS CODE AGAINST. (Bodies are being
-//! written now.)
+//! Map of the crate:
+//! - `detect`: [`detect`], [`open`], [`open_mut`]: format by content, dispatch to the format crate.
+//! - `create`: [`create`], [`create_child`].
+//! - `convert`: [`convert`], a pipelined copy (parallel readers, one in-order writer) that reads
+//!   only allocated data and keeps memory flat whatever the disk size.
+//! - `merge`: [`merge`] a differencing child into its parent.
+//! - `check`: [`check`] a file and its parent chain.
+//! - `formats`: the one place that knows each format crate's API.
+//!
+//! The signatures in this file are the contract other crates and tests code against.
 
 pub use vdisk_core::*;
+
+mod check;
+mod convert;
+mod create;
+mod detect;
+mod formats;
+mod merge;
+mod shim;
 
 use std::path::{Path, PathBuf};
 
@@ -18,20 +34,17 @@ use serde::Serialize;
 /// Recognise a file's format by its content: VHDX by its `vhdxfile` identifier, VHD by a
 /// `conectix` footer (or header copy), anything else is raw.
 pub fn detect(path: &Path) -> Result<DiskFormat> {
-    let _ = path;
-    todo!()
+    detect::detect(path)
 }
 
 /// Open any disk read-only (or writable with `opts.writable`), with its parent chain.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Box<dyn VirtualDisk>> {
-    let _ = (path, opts);
-    todo!()
+    detect::open(path, opts)
 }
 
 /// Open any disk for writing (`opts.writable` is forced on).
 pub fn open_mut(path: &Path, opts: &OpenOptions) -> Result<Box<dyn VirtualDiskMut>> {
-    let _ = (path, opts);
-    todo!()
+    detect::open_mut(path, opts)
 }
 
 #[derive(Clone, Debug)]
@@ -59,16 +72,14 @@ impl CreateOptions {
     }
 }
 
-/// Create a new, empty disk.
+/// Create a new, empty disk. Refuses to overwrite an existing file.
 pub fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn VirtualDiskMut>> {
-    let _ = (path, opts);
-    todo!()
+    create::create(path, opts)
 }
 
 /// Create a differencing child of `parent` (same format as the parent), open for writing.
 pub fn create_child(parent: &Path, child: &Path) -> Result<Box<dyn VirtualDiskMut>> {
-    let _ = (parent, child);
-    todo!()
+    create::create_child(parent, child)
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -83,8 +94,7 @@ pub struct MergeReport {
 /// showed, and the child file is deleted (as Hyper-V's Merge-VHD does: the parent's identity
 /// changes, so the child could no longer be opened anyway).
 pub fn merge(child: &Path, opts: &OpenOptions) -> Result<MergeReport> {
-    let _ = (child, opts);
-    todo!()
+    merge::merge(child, opts)
 }
 
 /// Progress callback: (bytes done, bytes total).
@@ -115,8 +125,7 @@ pub fn convert(
     opts: &ConvertOptions,
     progress: Option<Progress<'_>>,
 ) -> Result<ConvertReport> {
-    let _ = (src, dst, opts, progress);
-    todo!()
+    convert::convert(src, dst, opts, progress)
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -129,6 +138,5 @@ pub struct CheckReport {
 
 /// Check a disk file's structure (and its parent chain) without modifying it.
 pub fn check(path: &Path, opts: &OpenOptions) -> Result<CheckReport> {
-    let _ = (path, opts);
-    todo!()
+    check::check(path, opts)
 }

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Run every hyperkeep test: the one command for developers and CI (.ci/run calls it).
+#
+# On a fresh Debian 12 machine, as root, without prompts, it first installs what the tests need
+# (apt packages, the libvhdi Python wheel, cargo-fuzz), and only what is missing: a second run
+# installs nothing and goes straight to the tests. Then:
+#   1. cargo test over the whole workspace (unit, integration and interop tests against qemu-img,
+#      qemu-io and libvhdi; they fail loudly if a tool is missing);
+#   2. the fuzz crate's own tests;
+#   3. each cargo-fuzz target for FUZZ_SECONDS (default 60), starting from the committed seed
+#      corpus; any crash, timeout or out-of-memory fails the run.
+#
+# Environment knobs:
+#   FUZZ_SECONDS=N   seconds per fuzz target (default 60; 0 skips fuzzing: local use only)
+#   TEST_RUNNER=cargo|nextest   force the test runner (default: nextest if installed)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+export DEBIAN_FRONTEND=noninteractive
+export PATH="$HOME/.cargo/bin:$PATH"
+FUZZ_SECONDS=${FUZZ_SECONDS:-60}
+FUZZ_TARGETS=(vhdx_open vhd_open)
+START=$SECONDS
+
+section() { printf '\n\033[1m==== %s  (t+%ds) ====\033[0m\n' "$*" "$((SECONDS - START))"; }
+die() {
+    printf '\n\033[1;31mtest.sh: ERROR: %s\033[0m\n' "$*" >&2
+    exit 1
+}
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+        sudo -n "$@"
+    else
+        die "need root to run: $* (run this script as root, or install those packages first)"
+    fi
+}
+
+# ---------------------------------------------------------------------------------------------
+section "Setup: system packages"
+APT_PACKAGES=(qemu-utils e2fsprogs fdisk gdisk mtools dosfstools time python3 python3-pip)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$p")
+    fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]}"
+    as_root apt-get update -q
+    as_root apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+    echo "all present: ${APT_PACKAGES[*]}"
+fi
+
+# ---------------------------------------------------------------------------------------------
+section "Setup: Python (libvhdi, the independent VHD/VHDX reader the interop tests compare with)"
+command -v python3 >/dev/null || die "python3 is missing after the apt step"
+if python3 -c 'import pyvhdi' 2>/dev/null; then
+    echo "pyvhdi present: $(python3 -c 'import pyvhdi; print(pyvhdi.get_version())')"
+else
+    pip_install=(python3 -m pip install --no-input --disable-pip-version-check --root-user-action=ignore libvhdi-python)
+    # Debian's own python3 is "externally managed" (PEP 668): pip refuses unless told to.
+    if ! "${pip_install[@]}"; then
+        echo "retrying with --break-system-packages"
+        "${pip_install[@]}" --break-system-packages
+    fi
+    python3 -c 'import pyvhdi' || die "pip installed libvhdi-python but 'import pyvhdi' still fails"
+fi
+
+# ---------------------------------------------------------------------------------------------
+section "Setup: cargo tools"
+command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup first)"
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
+fi
+cargo fuzz --version >/dev/null 2>&1 || die "cargo-fuzz install did not produce a working 'cargo fuzz'"
+
+# ---------------------------------------------------------------------------------------------
+section "Check: every tool the tests use is present"
+for tool in qemu-img qemu-io mke2fs sfdisk sgdisk mcopy mkfs.vfat python3 cargo rustc; do
+    command -v "$tool" >/dev/null || die "'$tool' not found in PATH after the install steps"
+done
+[ -x /usr/bin/time ] || die "/usr/bin/time not found after installing package 'time'"
+printf '%-10s %s\n' \
+    rustc "$(rustc --version)" \
+    cargo-fuzz "$(cargo fuzz --version)" \
+    qemu-img "$(qemu-img --version | head -1)" \
+    python3 "$(python3 --version 2>&1)" \
+    pyvhdi "$(python3 -c 'import pyvhdi; print(pyvhdi.get_version())')"
+
+# ---------------------------------------------------------------------------------------------
+runner=${TEST_RUNNER:-}
+if [ -z "$runner" ]; then
+    if cargo nextest --version >/dev/null 2>&1; then runner=nextest; else runner=cargo; fi
+fi
+section "Tests: workspace ($runner)"
+case "$runner" in
+nextest)
+    cargo nextest run --workspace --all-targets --no-fail-fast
+    # nextest does not run doctests.
+    cargo test --workspace --doc --no-fail-fast
+    ;;
+cargo)
+    cargo test --workspace --all-targets --no-fail-fast
+    cargo test --workspace --doc --no-fail-fast
+    ;;
+*) die "TEST_RUNNER must be 'cargo' or 'nextest', not '$runner'" ;;
+esac
+
+# ---------------------------------------------------------------------------------------------
+section "Tests: fuzz crate (input encoding, contract checks)"
+cargo test --manifest-path fuzz/Cargo.toml --lib
+
+# ---------------------------------------------------------------------------------------------
+if [ "$FUZZ_SECONDS" -gt 0 ]; then
+    # cargo-fuzz builds with -Zsanitizer=address, a nightly-only flag. The machine has only the
+    # stable toolchain, and RUSTC_BOOTSTRAP=1 lets stable accept it (see fuzz/README.md).
+    export RUSTC_BOOTSTRAP=1
+    section "Fuzz: build (${FUZZ_TARGETS[*]}; AddressSanitizer)"
+    cargo fuzz build --fuzz-dir fuzz
+
+    failed=()
+    for t in "${FUZZ_TARGETS[@]}"; do
+        section "Fuzz: $t for ${FUZZ_SECONDS}s"
+        seeds="fuzz/corpus/$t"
+        [ -n "$(ls -A "$seeds" 2>/dev/null)" ] || die "seed corpus $seeds is empty (run fuzz/make-corpus.sh)"
+        # New inputs go to a scratch directory (the first corpus argument) so the committed
+        # seed corpus stays as committed.
+        scratch=$(mktemp -d)
+        if cargo fuzz run --fuzz-dir fuzz "$t" "$scratch" "$seeds" -- \
+            -max_total_time="$FUZZ_SECONDS" -max_len=262144 -timeout=30 \
+            -rss_limit_mb=2048 -print_final_stats=1 </dev/null; then
+            echo "$t: no crash in ${FUZZ_SECONDS}s ($(ls "$scratch" | wc -l) new corpus entries)"
+        else
+            failed+=("$t")
+            echo "$t: FAILED. Reproduce: RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz $t fuzz/artifacts/$t/<file>"
+            echo "  see the file it describes: cargo run --manifest-path fuzz/Cargo.toml --bin encode_corpus decode fuzz/artifacts/$t/<file> /tmp/disk"
+            ls -l "fuzz/artifacts/$t" 2>/dev/null || true
+        fi
+        rm -rf "$scratch"
+    done
+    [ ${#failed[@]} -eq 0 ] || die "fuzz targets found crashes: ${failed[*]}"
+else
+    section "Fuzz: skipped (FUZZ_SECONDS=0)"
+fi
+
+section "All tests passed in $((SECONDS - START))s"
