@@ -53,16 +53,19 @@ else
     log "staging ~$((budget >> 20)) MiB of real files from /usr"
     # Regular files only, in a stable order, until the budget is used; tar recreates the
     # directory structure. (Files under 64 MiB: a few huge blobs would make it less realistic.)
-    find /usr/lib /usr/share /usr/bin /usr/libexec /usr/include -xdev -type f -size -64M \
-        -printf '%s\t%p\0' 2>/dev/null |
-        sort -z -t/ -k2 |
+    # (awk stops reading at the budget, so find and sort die of SIGPIPE: not an error here.)
+    set +o pipefail
+    find /usr/bin /usr/lib /usr/share /usr/libexec /usr/include -xdev -type f -size -64M \
+        -printf '%p\t%s\0' 2>/dev/null |
+        sort -z |
         awk -v RS='\0' -v ORS='\0' -v budget="$budget" -F'\t' \
-            '{ total += $1; if (total > budget) exit; print $2 }' |
+            '{ total += $2; if (total > budget) exit; print $1 }' |
         tar --null --no-recursion -T - -cf - 2>/dev/null | tar -xf - -C "$staging"
+    set -o pipefail
     staged=$(du -sb "$staging" | cut -f1)
     log "staged $((staged >> 20)) MiB in $(find "$staging" -type f | wc -l) files"
     log "mke2fs -t ext4 -d (a $SIZE filesystem)"
-    mke2fs -q -F -t ext4 -d "$staging" "$WORK/input.raw" "$((size_bytes / 1024))k"
+    mke2fs -q -F -t ext4 -d "$staging" "$WORK/input.raw" "$((size_bytes / 1024))k" >&2
     log "qemu-img convert -O vhdx -o subformat=dynamic (8 MiB blocks, qemu's default)"
     qemu-img convert -f raw -O vhdx -o subformat=dynamic "$WORK/input.raw" "$IN"
     rm -rf "$staging" "$WORK/input.raw"

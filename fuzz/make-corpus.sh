@@ -58,3 +58,6 @@ for sub in dynamic fixed; do
         seed vhd_open "$sub-forcesize$fs-written" "$f"
     done
 done
+
+# Seeds from hyperkeep's own writer: differencing layers and 4 KiB sectors.
+"$ENC" own corpus

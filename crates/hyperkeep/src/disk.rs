@@ -12,6 +12,7 @@ use crate::output;
 use crate::{EXIT_OK, EXIT_PROBLEMS};
 
 pub fn run(cmd: &DiskCommand, json: bool) -> Result<u8> {
+    tracing::debug!(?cmd, "disk command");
     match cmd {
         DiskCommand::Info { file, open } => {
             let disk = vdisk::open(file, &open_options(open))?;
@@ -112,6 +113,15 @@ fn convert(
     let format = pick_format(to, out, "--to")?;
     let src = vdisk::open(input, &open_options(open))?;
     let src_info = src.info();
+    tracing::info!(
+        input = %input.display(),
+        source_format = %src_info.format,
+        output = %out.display(),
+        output_format = %format,
+        fixed,
+        ?block_size,
+        "converting"
+    );
     let opts = ConvertOptions {
         format,
         fixed,
@@ -136,10 +146,10 @@ fn convert(
     let report = vdisk::convert(&*src, out, &opts, Some(&progress))
         .with_context(|| format!("converting {} to {}", input.display(), out.display()))?;
     let seconds = started.elapsed().as_secs_f64();
+    tracing::info!(?report, seconds, "converted");
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     output::convert_report(&src_info, format, fixed, &report, seconds, json)?;
     Ok(EXIT_OK)
 }
-

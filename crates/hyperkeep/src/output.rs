@@ -83,7 +83,10 @@ pub fn disk_info(info: &DiskInfo, json: bool) -> Result<()> {
             p = layer.parent.as_deref();
         }
         for (n, c) in chain.iter().enumerate() {
-            t.row(if n == 0 { "parent chain" } else { "" }, format!("{}. {c}", n + 1));
+            t.row(
+                if n == 0 { "parent chain" } else { "" },
+                format!("{}. {c}", n + 1),
+            );
         }
     }
     print!("{}", t.render());
@@ -207,7 +210,7 @@ pub fn print_error(e: &anyhow::Error) {
     if hint.is_none() {
         hint = e.chain().find_map(|c| {
             match c.downcast_ref::<vdisk::Error>()? {
-                vdisk::Error::Parent(_) => Some(
+                vdisk::Error::Parent(m) if !m.contains("--parent") => Some(
                     "if the parent was moved, name it with --parent P (its linkage is still checked)"
                         .to_string(),
                 ),

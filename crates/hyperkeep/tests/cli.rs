@@ -77,7 +77,10 @@ fn info_json_fields_of_a_raw_sample() {
     assert!(alloc > 2 << 20 && alloc < 64 << 20, "allocated {alloc}");
 
     let text = ok(&["disk", "info", s(&raw)]);
-    assert!(text.contains("virtual size: 64.0 MiB (67108864 bytes)"), "{text}");
+    assert!(
+        text.contains("virtual size: 64.0 MiB (67108864 bytes)"),
+        "{text}"
+    );
     assert!(text.contains("format:       raw (fixed)"), "{text}");
 }
 
@@ -109,17 +112,32 @@ fn convert_round_trips_through_every_format() {
             String::from_utf8_lossy(&r.stderr)
         );
         // Not a terminal: no progress bar, nothing on stderr.
-        assert!(r.stderr.is_empty(), "{}", String::from_utf8_lossy(&r.stderr));
+        assert!(
+            r.stderr.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&r.stderr)
+        );
         let report: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
         assert_eq!(report["virtual_size"], 64 << 20);
         assert_eq!(report["format"], *fmt);
-        assert!(report["bytes_written"].as_u64().unwrap() < 8 << 20, "{report}");
+        assert!(
+            report["bytes_written"].as_u64().unwrap() < 8 << 20,
+            "{report}"
+        );
 
         assert_eq!(content(&out), original, "{name} differs from the original");
         let info = json(&["disk", "info", s(&out)]);
         assert_eq!(info["format"], *fmt, "{name}");
         assert_eq!(info["virtual_size"], 64 << 20, "{name}");
-        let c = qemu_img(&["compare", "-f", "raw", "-F", qemu_format(fmt), s(&raw), s(&out)]);
+        let c = qemu_img(&[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            qemu_format(fmt),
+            s(&raw),
+            s(&out),
+        ]);
         assert!(
             c.status.success(),
             "qemu-img compare {name}: {}{}",
@@ -133,13 +151,23 @@ fn convert_round_trips_through_every_format() {
         assert_eq!(ok(&["disk", "check", s(&out)]).lines().count(), 1);
         prev = out;
     }
-    // Dynamic outputs stay small: the sample holds ~2 MiB of data in 64 MiB.
-    for name in ["a.vhdx", "b.vhd", "d.vhdx"] {
-        let len = std::fs::metadata(d.join(name)).unwrap().len();
-        assert!(len < 48 << 20, "{name} is {len} bytes");
+    // Dynamic outputs stay small: the sample holds ~2 MiB of data in 64 MiB. (Space used,
+    // not apparent size: a 64 MiB disk with data at both ends has both 32 MiB blocks.)
+    for name in ["a.vhdx", "b.vhd", "d.vhdx", "f.img"] {
+        use std::os::unix::fs::MetadataExt;
+        let used = std::fs::metadata(d.join(name)).unwrap().blocks() * 512;
+        assert!(used < 16 << 20, "{name} uses {used} bytes");
     }
+    let d_info = json(&["disk", "info", s(&d.join("d.vhdx"))]);
+    assert!(
+        d_info["allocated_bytes"].as_u64().unwrap() <= 8 << 20,
+        "{d_info}"
+    );
     // The final raw is byte-identical to the original file.
-    assert_eq!(std::fs::read(d.join("f.img")).unwrap(), std::fs::read(&raw).unwrap());
+    assert_eq!(
+        std::fs::read(d.join("f.img")).unwrap(),
+        std::fs::read(&raw).unwrap()
+    );
 }
 
 #[test]
@@ -168,10 +196,24 @@ fn check_exit_codes_clean_damaged_and_missing() {
     assert_eq!(v["clean"], false);
     assert!(!v["problems"].as_array().unwrap().is_empty());
 
+    // A dynamic VHD whose trailing footer's checksum is wrong (the copy at offset 0 is intact).
+    let vhd = d.join("x.vhd");
+    ok(&["disk", "convert", s(&raw), s(&vhd)]);
+    assert_eq!(hk(&["disk", "check", s(&vhd)]).status.code(), Some(0));
+    let mut bytes = std::fs::read(&vhd).unwrap();
+    let n = bytes.len();
+    bytes[n - 512 + 64] ^= 0x01;
+    std::fs::write(&vhd, &bytes).unwrap();
+    let r = hk(&["disk", "check", s(&vhd)]);
+    assert_eq!(r.status.code(), Some(1), "{r:?}");
+
     let r = hk(&["disk", "check", s(&d.join("missing.vhdx"))]);
     assert_eq!(r.status.code(), Some(2), "{r:?}");
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(err.starts_with("error: cannot open") && err.contains("missing.vhdx"), "{err}");
+    assert!(
+        err.starts_with("error: cannot open") && err.contains("missing.vhdx"),
+        "{err}"
+    );
 }
 
 /// A path from JSON names the same file as `p` (locators may yield `dir/./name`).
@@ -211,14 +253,29 @@ fn create_child_write_and_merge_for_vhdx_and_vhd() {
         let info = json(&["disk", "info", s(&child)]);
         assert!(same_file(&info["parent"]["path"], &base), "{info}");
         let text = ok(&["disk", "info", s(&child)]);
-        assert!(text.contains("parent chain:") && text.contains("base."), "{text}");
+        assert!(
+            text.contains("parent chain:") && text.contains("base."),
+            "{text}"
+        );
         assert_eq!(hk(&["disk", "check", s(&child)]).status.code(), Some(0));
 
         let chain_view = content(&child);
+        // Converting a child flattens its chain into one standalone disk.
+        let flat = d.join(format!("flat.{ext}"));
+        ok(&["disk", "convert", s(&child), s(&flat)]);
+        assert_eq!(
+            json(&["disk", "info", s(&flat)])["parent"],
+            serde_json::Value::Null
+        );
+        assert_eq!(content(&flat), chain_view, "{ext}: flattened chain differs");
         let v = json(&["disk", "merge", s(&child)]);
         assert!(same_file(&v["parent"], &base), "{v}");
         assert!(!child.exists(), "merge must delete the child");
-        assert_eq!(content(&base), chain_view, "{ext}: merged parent differs from the chain");
+        assert_eq!(
+            content(&base),
+            chain_view,
+            "{ext}: merged parent differs from the chain"
+        );
         assert_eq!(hk(&["disk", "check", s(&base)]).status.code(), Some(0));
     }
 }
@@ -254,5 +311,41 @@ fn bad_arguments_exit_2_with_a_clear_message() {
     }
     assert!(!d.join("c.raw").exists());
     let help = ok(&["--help"]);
-    assert!(help.contains("Exit codes") && help.contains("problems found"), "{help}");
+    assert!(
+        help.contains("Exit codes") && help.contains("problems found"),
+        "{help}"
+    );
+}
+
+#[test]
+fn sector_size_4096_is_kept_where_the_format_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = d.join("4k.vhdx");
+    ok(&[
+        "disk",
+        "create",
+        s(&src),
+        "--size",
+        "16M",
+        "--block-size",
+        "1M",
+        "--logical-sector-size",
+        "4096",
+    ]);
+    write_pattern(&src, 4096 * 3, 4096 * 5, 0x4b);
+    let v = json(&["disk", "convert", s(&src), s(&d.join("copy.vhdx"))]);
+    assert_eq!(v["format"], "vhdx");
+    let info = json(&["disk", "info", s(&d.join("copy.vhdx"))]);
+    assert_eq!(info["logical_sector_size"], 4096, "{info}");
+    assert_eq!(content(&d.join("copy.vhdx")), content(&src));
+
+    let r = hk(&["disk", "convert", s(&src), s(&d.join("no.vhd"))]);
+    assert_eq!(r.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("VHD only has 512-byte sectors"), "{err}");
+    assert!(!d.join("no.vhd").exists());
+
+    ok(&["disk", "convert", s(&src), s(&d.join("flat.raw"))]);
+    assert_eq!(std::fs::read(d.join("flat.raw")).unwrap(), content(&src));
 }

@@ -114,7 +114,8 @@ fn build(file: &mut File, size: u64) -> Result<SampleManifest> {
     // Protective MBR, then the GPT with one partition from 1 MiB to 1 MiB before the end
     // (the backup GPT lives in the last 33 sectors).
     let mbr = gpt::mbr::ProtectiveMBR::with_lb_size(u32::try_from(sectors - 1).unwrap_or(u32::MAX));
-    mbr.overwrite_lba0(file).context("writing the protective MBR")?;
+    mbr.overwrite_lba0(file)
+        .context("writing the protective MBR")?;
     let mut disk = gpt::GptConfig::new()
         .writable(true)
         .logical_block_size(gpt::disk::LogicalBlockSize::Lb512)

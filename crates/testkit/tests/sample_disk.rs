@@ -35,7 +35,10 @@ fn sample_disk_has_a_gpt_partition_and_fat32_files() {
         line.contains(&format!("size={:>12}", m.partition_size / 512)),
         "{line}"
     );
-    assert!(line.contains("C12A7328-F81F-11D2-BA4B-00A0C93EC93B"), "{line}");
+    assert!(
+        line.contains("C12A7328-F81F-11D2-BA4B-00A0C93EC93B"),
+        "{line}"
+    );
 
     let listing =
         String::from_utf8(tool("mdir", &["-/", "-b", "-i", &img_at(&img), "::"]).stdout).unwrap();
@@ -64,7 +67,8 @@ fn sample_disk_has_a_gpt_partition_and_fat32_files() {
     // Deterministic content, and no overwriting.
     assert!(testkit::write_sample_disk(&img, 64 << 20).is_err());
     let m2 = testkit::write_sample_disk(&dir.path().join("b.img"), 48 << 20).unwrap();
-    let sums = |m: &testkit::SampleManifest| m.files.iter().map(|f| f.sha256.clone()).collect::<Vec<_>>();
+    let sums =
+        |m: &testkit::SampleManifest| m.files.iter().map(|f| f.sha256.clone()).collect::<Vec<_>>();
     assert_eq!(sums(&m), sums(&m2));
     assert!(testkit::write_sample_disk(&dir.path().join("c.img"), 8 << 20).is_err());
 }

@@ -80,8 +80,10 @@ pub fn check(path: &Path) -> Result<Vec<String>> {
         }
     }
     if p.suppressed > 0 {
-        p.list
-            .push(format!("... and {} more problems of the kinds above", p.suppressed));
+        p.list.push(format!(
+            "... and {} more problems of the kinds above",
+            p.suppressed
+        ));
     }
     Ok(p.list)
 }
@@ -143,7 +145,10 @@ fn check_structure(file: &File, size: u64, p: &mut Problems) -> std::io::Result<
         _ => {}
     }
     let ho = footer.data_offset;
-    if ho.checked_add(DYN_HEADER_SIZE as u64).map_or(true, |e| e > size) {
+    if ho
+        .checked_add(DYN_HEADER_SIZE as u64)
+        .map_or(true, |e| e > size)
+    {
         p.push(format!(
             "dynamic disk header offset {ho} lies outside the file ({size} bytes)"
         ));
@@ -188,10 +193,21 @@ fn check_structure(file: &File, size: u64, p: &mut Problems) -> std::io::Result<
         ));
         return Ok(());
     }
+    if h.max_table_entries as u64 > MAX_BAT_ENTRIES {
+        p.push(format!(
+            "block table has {} entries, more than the {MAX_BAT_ENTRIES} we examine; not checking the blocks",
+            h.max_table_entries
+        ));
+        return Ok(());
+    }
     let bm = bitmap_bytes(h.block_size);
     // Metadata regions blocks must not overlap.
     let mut regions: Vec<(u64, u64, String)> = vec![
-        (ho, ho + DYN_HEADER_SIZE as u64, "dynamic disk header".into()),
+        (
+            ho,
+            ho + DYN_HEADER_SIZE as u64,
+            "dynamic disk header".into(),
+        ),
         (
             h.table_offset,
             h.table_offset + table_len.div_ceil(SECTOR) * SECTOR,
@@ -201,7 +217,9 @@ fn check_structure(file: &File, size: u64, p: &mut Problems) -> std::io::Result<
     if ho >= FOOTER_SIZE as u64 {
         regions.push((0, FOOTER_SIZE as u64, "footer copy".into()));
     } else {
-        p.push(format!("dynamic header at {ho} overlaps the footer copy at 0"));
+        p.push(format!(
+            "dynamic header at {ho} overlaps the footer copy at 0"
+        ));
     }
     if kind == DiskType::Differencing {
         for (i, l) in h.locators.iter().enumerate().filter(|(_, l)| !l.is_empty()) {
@@ -209,7 +227,9 @@ fn check_structure(file: &File, size: u64, p: &mut Problems) -> std::io::Result<
             if ![PLATFORM_W2RU, PLATFORM_W2KU, PLATFORM_WI2R, PLATFORM_WI2K].contains(&code) {
                 continue;
             }
-            let end = l.data_offset.saturating_add(l.space_bytes().max(l.data_length as u64));
+            let end = l
+                .data_offset
+                .saturating_add(l.space_bytes().max(l.data_length as u64));
             if end > data_end {
                 p.push(format!(
                     "parent locator {i} ({}) data at {} lies past the end of the file",
@@ -218,6 +238,13 @@ fn check_structure(file: &File, size: u64, p: &mut Problems) -> std::io::Result<
                 ));
             } else {
                 regions.push((l.data_offset, end, format!("parent locator {i}")));
+            }
+        }
+    }
+    for (i, a) in regions.iter().enumerate() {
+        for b in &regions[i + 1..] {
+            if a.0 < b.1 && b.0 < a.1 {
+                p.push(format!("the {} and the {} overlap", a.2, b.2));
             }
         }
     }

@@ -82,6 +82,11 @@ pub struct Vhd {
     alloc_pos: u64,
     /// Where the size came from (`CurrentSize` or the CHS geometry), for info.
     size_source: &'static str,
+    /// The trailing footer is damaged (we run on the copy at 0): the first write repairs it.
+    footer_damaged: bool,
+    /// The copy at offset 0 is damaged or differs from the good trailing footer: the first write
+    /// rewrites it.
+    head_copy_stale: bool,
 }
 
 /// Where a run of guest bytes comes from.
@@ -275,6 +280,7 @@ impl Vhd {
         path: Option<PathBuf>,
     ) -> Result<Vhd> {
         let (footer, tail_ok, notes) = read_footer(&*backing)?;
+        let notes_empty = notes.is_empty();
         let file_size = backing
             .size()
             .map_err(|e| Error::io("cannot get the file size", e))?;
@@ -326,6 +332,9 @@ impl Vhd {
             notes,
             alloc_pos: data_end,
             size_source,
+            footer_damaged: !tail_ok,
+            // With a good trailing footer, read_footer's notes are all about the copy at 0.
+            head_copy_stale: tail_ok && !notes_empty,
         };
         if kind == DiskType::Fixed {
             if virtual_size > data_end {
@@ -357,7 +366,14 @@ impl Vhd {
                 }
             }
         }
-        vhd.alloc_pos = data_end.max(next_free.div_ceil(SECTOR) * SECTOR);
+        let next_free = next_free.div_ceil(SECTOR) * SECTOR;
+        // With a damaged trailing footer, everything after the last structure the file refers
+        // to is unreferenced: the repaired footer goes right there.
+        vhd.alloc_pos = if tail_ok {
+            data_end.max(next_free)
+        } else {
+            next_free
+        };
         Ok(vhd)
     }
 
@@ -397,6 +413,17 @@ impl Vhd {
                 format!(
                     "block table has {} entries, but a disk of {} bytes in {bs}-byte blocks needs {needed}",
                     header.max_table_entries, self.virtual_size
+                ),
+            ));
+        }
+        if needed > MAX_BAT_ENTRIES {
+            return Err(Error::unsupported(
+                FORMAT,
+                format!(
+                    "a disk of {} bytes in {bs}-byte blocks needs {needed} block table entries, \
+                     more than the {MAX_BAT_ENTRIES} we accept (blocks this small on a disk this big \
+                     are not something real writers make)",
+                    self.virtual_size
                 ),
             ));
         }
@@ -518,6 +545,40 @@ impl Vhd {
         &self.notes
     }
 
+    /// Guest bytes this layer stores: whole present blocks in a dynamic disk, the sectors whose
+    /// bitmap bits are set in a differencing disk (counted bitmap by bitmap, in constant memory).
+    fn allocated_bytes(&self, sp: &Sparse) -> u64 {
+        let mut total = 0u64;
+        let mut bm = vec![0u8; sp.bitmap_bytes as usize];
+        for (b, &e) in sp.bat.iter().enumerate() {
+            if e == BAT_ABSENT {
+                continue;
+            }
+            let start = b as u64 * sp.block_size;
+            let len = sp.block_size.min(self.virtual_size - start);
+            if self.kind != DiskType::Differencing {
+                total += len;
+                continue;
+            }
+            if self
+                .backing
+                .read_exact_at(&mut bm, e as u64 * SECTOR)
+                .is_err()
+            {
+                total += len;
+                continue;
+            }
+            let sectors = len / SECTOR;
+            let full = (sectors / 8) as usize;
+            let mut bits: u64 = bm[..full].iter().map(|x| x.count_ones() as u64).sum();
+            for s in full as u64 * 8..sectors {
+                bits += bit_set(&bm, s) as u64;
+            }
+            total += bits * SECTOR;
+        }
+        total
+    }
+
     // ---- reading ----
 
     /// Where each byte of `[offset, offset+len)` of this layer comes from.
@@ -605,12 +666,7 @@ impl Vhd {
                         push_extent(out, e.offset, e.length, e.state);
                     }
                 }
-                push_extent(
-                    out,
-                    offset + inside,
-                    len - inside,
-                    ExtentState::Unallocated,
-                );
+                push_extent(out, offset + inside, len - inside, ExtentState::Unallocated);
             }
             None => push_extent(out, offset, len, ExtentState::Unallocated),
         }
@@ -636,6 +692,14 @@ impl Vhd {
         r.map_err(|e| Error::io(format!("{what} in {}", self.ctx()), e))
     }
 
+    /// Write `data` at `in_off` inside block `b`.
+    ///
+    /// A new block goes where the trailing footer is. Order: footer at the new end, data,
+    /// bitmap, and the table entry last, so that at every step the file ends in a valid footer
+    /// and the table only ever points at a complete block; a crash leaves at worst an unused
+    /// block. There is no fsync between the steps (that would cost a sync per block); the
+    /// ordering holds for what reaches the disk once [`VirtualDiskMut::flush`] returns, and
+    /// against a crash of our process at any point.
     fn write_block_piece(&mut self, b: u64, in_off: u64, data: &[u8]) -> Result<()> {
         let diff = self.kind == DiskType::Differencing;
         let sp = self.sparse.as_ref().expect("sparse disk");
@@ -795,6 +859,19 @@ impl Vhd {
     /// relative (`W2ru`) and absolute (`W2ku`) path, UTF-16LE, space counted in sectors.
     pub fn create_child(parent: &Path, child: &Path) -> Result<Vhd> {
         let p = Vhd::open(parent, &OpenOptions::default())?;
+        // Creating truncates `child`: never let that be a file of the chain we build on.
+        if let Ok(c) = std::fs::canonicalize(child) {
+            let mut layer = Some(&p);
+            while let Some(l) = layer {
+                if l.path().and_then(|lp| std::fs::canonicalize(lp).ok()) == Some(c.clone()) {
+                    return Err(Error::InvalidArgument(format!(
+                        "{} is part of the parent chain of the child to create; choose another file name",
+                        child.display()
+                    )));
+                }
+                layer = l.parent();
+            }
+        }
         let size = p.virtual_size;
         let block_size = p.block_size().unwrap_or(DEFAULT_BLOCK_SIZE);
         let mtime = std::fs::metadata(parent)
@@ -996,21 +1073,7 @@ impl VirtualDisk for Vhd {
         let file_size = self.backing.size().unwrap_or(0);
         let allocated = match &self.sparse {
             None => self.virtual_size,
-            Some(sp) => {
-                let present = sp.bat.iter().filter(|&&e| e != BAT_ABSENT).count() as u64;
-                if self.kind == DiskType::Differencing {
-                    self.map(0, self.virtual_size, MapScope::Layer)
-                        .map(|m| {
-                            m.iter()
-                                .filter(|e| e.state == ExtentState::Data)
-                                .map(|e| e.length)
-                                .sum()
-                        })
-                        .unwrap_or(present * sp.block_size)
-                } else {
-                    (present * sp.block_size).min(self.virtual_size)
-                }
-            }
+            Some(sp) => self.allocated_bytes(sp),
         };
         let mut details = vec![
             ("creator app".to_string(), tag_string(&f.creator_app)),
@@ -1074,6 +1137,28 @@ impl VirtualDiskMut for Vhd {
             let w = self.writer()?.clone();
             return self.wio("cannot write data", w.write_all_at(buf, offset));
         };
+        if self.footer_damaged {
+            // Put a good footer back at the end before changing anything else.
+            let w = self.writer()?.clone();
+            let at = self.alloc_pos;
+            self.wio(
+                "cannot repair the footer",
+                w.write_all_at(&self.footer.to_bytes(), at),
+            )?;
+            self.wio(
+                "cannot repair the footer",
+                w.set_size(at + FOOTER_SIZE as u64),
+            )?;
+            self.footer_damaged = false;
+        }
+        if self.head_copy_stale {
+            let w = self.writer()?.clone();
+            self.wio(
+                "cannot repair the footer copy",
+                w.write_all_at(&self.footer.to_bytes(), 0),
+            )?;
+            self.head_copy_stale = false;
+        }
         let end = offset + buf.len() as u64;
         let mut pos = offset;
         while pos < end {

@@ -20,6 +20,11 @@ pub const MAX_VIRTUAL_SIZE: u64 = 2040 << 30;
 /// Largest block we accept. The spec's default is 2 MiB; a bigger block only makes the sector
 /// bitmap (read on every differencing access) bigger, and 256 MiB keeps it at 64 KiB.
 pub const MAX_BLOCK_SIZE: u32 = 256 << 20;
+/// Most block table entries we hold in memory for one layer (16 MiB of table). A 2040 GiB disk
+/// needs about a million with the usual 2 MiB blocks, four million with 512 KiB blocks; more
+/// means tiny blocks on a huge disk, which no real writer makes. The file-size bound alone is not
+/// enough: a hostile sparse file can be huge and cost nothing.
+pub const MAX_BAT_ENTRIES: u64 = 1 << 22;
 /// 65535 cylinders x 16 heads x 255 sectors: the largest CHS geometry. Readers (qemu among them)
 /// take it as "the geometry says nothing, use CurrentSize".
 pub const MAX_CHS_SECTORS: u64 = 65535 * 16 * 255;

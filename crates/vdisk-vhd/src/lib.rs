@@ -6,12 +6,12 @@
 //! writing, and none bounds its memory against hostile headers.
 //!
 //! Map of the crate:
-//! - [`format`]: the on-disk structures (footer, dynamic header, locators), checksum, CHS
+//! - [`format`](mod@format): the on-disk structures (footer, dynamic header, locators), checksum, CHS
 //!   geometry, time stamps.
 //! - [`disk`]: [`Vhd`] (open, read, map, info, write, create, create_child) and
 //!   [`CreateOptions`].
 //! - `parent`: finding and checking a differencing disk's parent.
-//! - `check`: [`check`], the structural checker.
+//! - [`check`](mod@check): [`check()`](fn@check), the structural checker.
 //!
 //! Rules worth knowing:
 //! - Size: CurrentSize is the disk's size, except for files whose creator is `qemu` whose CHS
@@ -26,9 +26,15 @@
 //!   parent. Writes set only the written sectors' bits; partial sectors are merged with the
 //!   parent's bytes first. Parents are opened read-only and never modified.
 //! - Parent linkage: the parent's unique id must equal the child's parent unique id; a time stamp
-//!   mismatch is only a warning from [`check`] (copying a file changes it).
+//!   mismatch is only a warning from [`check`](fn@check) (copying a file changes it).
 //! - A damaged trailing footer with a good copy at offset 0 is recovered (and reported by
-//!   [`check`]); the next block allocation writes a good trailing footer again.
+//!   [`check`](fn@check)); the next write puts a good footer back (likewise a damaged copy at 0).
+//! - Memory: the block table is held in memory only after checking that it lies inside the file
+//!   and has at most [`format::MAX_BAT_ENTRIES`] entries (16 MiB); bitmaps are read per access
+//!   (at most 64 KiB, for the largest block size we accept, 256 MiB).
+//! - Parents are searched by the override, `W2ru`, `W2ku` (also drive letter stripped), the
+//!   deprecated `Wi2r`/`Wi2k`, then the parent name next to the child; loops and chains deeper
+//!   than `OpenOptions::max_chain_depth` are refused.
 
 pub mod check;
 pub mod disk;
@@ -40,7 +46,17 @@ pub use disk::{CreateOptions, Vhd, CREATOR_APP, DEFAULT_BLOCK_SIZE};
 pub use format::DiskType;
 
 /// True if these bytes (the first and last 512 bytes of a file) look like a VHD: a `conectix`
-/// footer at the end, or its copy at the start (a dynamic disk whose trailing footer is damaged).
+/// footer at the end, or a valid footer copy of a dynamic or differencing disk at the start (one
+/// whose trailing footer is damaged). A bare cookie at the start is not enough: a raw disk could
+/// begin with one by chance, and opening it as a VHD would then fail instead of reading it raw.
 pub fn is_vhd(first_512: &[u8], last_512: &[u8]) -> bool {
-    last_512.starts_with(format::FOOTER_COOKIE) || first_512.starts_with(format::FOOTER_COOKIE)
+    if last_512.starts_with(format::FOOTER_COOKIE) {
+        return true;
+    }
+    matches!(
+        format::Footer::parse(first_512).map(|f| format::DiskType::from_u32(f.disk_type)),
+        Ok(Some(
+            format::DiskType::Dynamic | format::DiskType::Differencing
+        ))
+    )
 }

@@ -70,7 +70,10 @@ fn build_chain(dir: &Path, depth: usize, byte_aligned: bool, seed: u64) -> Vec<L
         assert_eq!(d.geometry().virtual_size, SIZE);
         for i in 0..80 {
             let (off, len) = if byte_aligned {
-                (rng.gen_range(0..SIZE / 4096) * 4096, rng.gen_range(1..4) * 4096)
+                (
+                    rng.gen_range(0..SIZE / 4096) * 4096,
+                    rng.gen_range(1..4) * 4096,
+                )
             } else if i % 8 == 7 {
                 // Unaligned: partial sectors are merged with the parent's bytes.
                 (rng.gen_range(0..SIZE - 2000), rng.gen_range(1..2000))
@@ -87,7 +90,13 @@ fn build_chain(dir: &Path, depth: usize, byte_aligned: bool, seed: u64) -> Vec<L
         rng.fill(&mut buf[..]);
         write(&mut d, &mut model, &mut held, (3 + k as u64) * MIB, &buf);
         let zeros = vec![0u8; 8192];
-        write(&mut d, &mut model, &mut held, 9 * MIB + 4096 * k as u64, &zeros);
+        write(
+            &mut d,
+            &mut model,
+            &mut held,
+            9 * MIB + 4096 * k as u64,
+            &zeros,
+        );
         d.flush().unwrap();
         levels.push(Level { path, model, held });
     }
@@ -105,14 +114,20 @@ fn check_levels(levels: &[Level]) {
         let map = d.map(0, SIZE, MapScope::Layer).unwrap();
         let mut got = vec![false; SECTORS];
         for e in &map {
-            assert!(matches!(e.state, ExtentState::Data | ExtentState::Inherited), "{e:?}");
+            assert!(
+                matches!(e.state, ExtentState::Data | ExtentState::Inherited),
+                "{e:?}"
+            );
             assert_eq!(e.offset % 512, 0);
             assert_eq!(e.length % 512, 0);
             if e.state == ExtentState::Data {
                 got[(e.offset / 512) as usize..(e.end() / 512) as usize].fill(true);
             }
         }
-        assert!(got == lv.held, "layer map of level {k} differs from the sectors written");
+        assert!(
+            got == lv.held,
+            "layer map of level {k} differs from the sectors written"
+        );
         // View map: everything that holds data is Data.
         for e in d.map(0, SIZE, MapScope::View).unwrap() {
             assert_ne!(e.state, ExtentState::Inherited);
@@ -130,7 +145,12 @@ fn check_levels(levels: &[Level]) {
         );
         assert_eq!(
             info.parent.as_ref().unwrap().identifier,
-            Some(Vhd::open(&levels[k - 1].path, &OpenOptions::default()).unwrap().unique_id().to_string())
+            Some(
+                Vhd::open(&levels[k - 1].path, &OpenOptions::default())
+                    .unwrap()
+                    .unique_id()
+                    .to_string()
+            )
         );
         let problems = vdisk_vhd::check(&lv.path).unwrap();
         assert!(problems.is_empty(), "{problems:?}");
@@ -190,7 +210,14 @@ fn libvhdi_misreads_partial_bitmap_bytes() {
     let t = tempfile::tempdir().unwrap();
     let base = t.path().join("b.vhd");
     let child = t.path().join("c.vhd");
-    let mut b = Vhd::create(&base, &CreateOptions { virtual_size: 2 * MIB, ..Default::default() }).unwrap();
+    let mut b = Vhd::create(
+        &base,
+        &CreateOptions {
+            virtual_size: 2 * MIB,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     b.write_at(&vec![0xBB; 2 * MIB as usize], 0).unwrap();
     drop(b);
     let mut c = Vhd::create_child(&base, &child).unwrap();
@@ -201,7 +228,10 @@ fn libvhdi_misreads_partial_bitmap_bytes() {
     let theirs = libvhdi_read(&[&child, &base]);
     let first = |v: &[u8]| (0..8).map(|s| v[s * 512]).collect::<Vec<u8>>();
     // Correct: sector 0 and 2..8 come from the parent.
-    assert_eq!(first(&ours), [0xBB, 0xC1, 0xBB, 0xBB, 0xBB, 0xBB, 0xBB, 0xBB]);
+    assert_eq!(
+        first(&ours),
+        [0xBB, 0xC1, 0xBB, 0xBB, 0xBB, 0xBB, 0xBB, 0xBB]
+    );
     // libvhdi: sectors 2..8 (after the set bit, same byte) come from the child's unused sectors.
     assert_eq!(first(&theirs), [0xBB, 0xC1, 0, 0, 0, 0, 0, 0]);
     assert!(theirs[4096..].iter().all(|&x| x == 0xBB));
@@ -229,7 +259,11 @@ fn set_locators(path: &Path, locs: &[([u8; 4], Vec<u8>, bool)]) {
         data.resize(at as usize + space, 0);
         h.locators[i] = Locator {
             platform_code: *code,
-            data_space: if *space_in_bytes { space as u32 } else { (space / 512) as u32 },
+            data_space: if *space_in_bytes {
+                space as u32
+            } else {
+                (space / 512) as u32
+            },
             data_length: bytes.len() as u32,
             data_offset: at,
         };
@@ -256,15 +290,29 @@ fn locators_resolve_in_both_encodings() {
     std::fs::create_dir_all(&cdir).unwrap();
     let base = pdir.join("base.vhd");
     let child = cdir.join("child.vhd");
-    let mut b = Vhd::create(&base, &CreateOptions { virtual_size: 4 * MIB, ..Default::default() }).unwrap();
+    let mut b = Vhd::create(
+        &base,
+        &CreateOptions {
+            virtual_size: 4 * MIB,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     b.write_at(&[0x5A; 4096], MIB).unwrap();
     drop(b);
     drop(Vhd::create_child(&base, &child).unwrap());
     // What create_child wrote: W2ru relative, W2ku absolute, UTF-16LE, space in sectors.
     let d = opens(&child).unwrap();
     let locs = d.parent_locators();
-    assert_eq!(locs[0], (PLATFORM_W2RU, "..\\parents\\base.vhd".to_string()));
-    let abs = std::fs::canonicalize(&base).unwrap().display().to_string().replace('/', "\\");
+    assert_eq!(
+        locs[0],
+        (PLATFORM_W2RU, "..\\parents\\base.vhd".to_string())
+    );
+    let abs = std::fs::canonicalize(&base)
+        .unwrap()
+        .display()
+        .to_string()
+        .replace('/', "\\");
     assert_eq!(locs[1], (PLATFORM_W2KU, abs.clone()));
     assert_eq!(d.parent_name().unwrap(), "base.vhd");
     let mut x = [0u8; 4];
@@ -275,22 +323,49 @@ fn locators_resolve_in_both_encodings() {
     let abs_fwd = std::fs::canonicalize(&base).unwrap().display().to_string();
     for space_in_bytes in [false, true] {
         // Relative only.
-        set_locators(&child, &[(PLATFORM_W2RU, utf16le("..\\parents\\base.vhd"), space_in_bytes)]);
-        assert!(opens(&child).is_ok(), "W2ru, space in bytes: {space_in_bytes}");
+        set_locators(
+            &child,
+            &[(
+                PLATFORM_W2RU,
+                utf16le("..\\parents\\base.vhd"),
+                space_in_bytes,
+            )],
+        );
+        assert!(
+            opens(&child).is_ok(),
+            "W2ru, space in bytes: {space_in_bytes}"
+        );
         assert!(vdisk_vhd::check(&child).unwrap().is_empty());
         // Absolute with a drive letter, as Windows writes it: found with the letter stripped.
         let win = format!("C:{}", abs_fwd.replace('/', "\\"));
-        set_locators(&child, &[
-            (PLATFORM_W2RU, utf16le(".\\missing.vhd"), space_in_bytes),
-            (PLATFORM_W2KU, utf16le(&win), space_in_bytes),
-        ]);
-        assert!(opens(&child).is_ok(), "W2ku {win}, space in bytes: {space_in_bytes}");
+        set_locators(
+            &child,
+            &[
+                (PLATFORM_W2RU, utf16le(".\\missing.vhd"), space_in_bytes),
+                (PLATFORM_W2KU, utf16le(&win), space_in_bytes),
+            ],
+        );
+        assert!(
+            opens(&child).is_ok(),
+            "W2ku {win}, space in bytes: {space_in_bytes}"
+        );
         assert!(vdisk_vhd::check(&child).unwrap().is_empty());
     }
+    // The deprecated codes: Wi2r with 8-bit text, Wi2k with UTF-16LE.
+    set_locators(
+        &child,
+        &[(*b"Wi2r", b"..\\parents\\base.vhd".to_vec(), false)],
+    );
+    assert!(opens(&child).is_ok(), "Wi2r");
+    set_locators(&child, &[(*b"Wi2k", utf16le(&abs), false)]);
+    assert!(opens(&child).is_ok(), "Wi2k");
     // Nothing usable: the error lists what was tried and suggests --parent.
     set_locators(&child, &[(PLATFORM_W2RU, utf16le(".\\missing.vhd"), false)]);
     let e = opens(&child).err().unwrap().to_string();
-    assert!(e.contains("cannot find the parent") && e.contains("missing.vhd") && e.contains("--parent"), "{e}");
+    assert!(
+        e.contains("cannot find the parent") && e.contains("missing.vhd") && e.contains("--parent"),
+        "{e}"
+    );
     // The parent name next to the child is the last resort.
     std::fs::copy(&base, cdir.join("base.vhd")).unwrap();
     assert!(opens(&child).is_ok());
@@ -298,7 +373,14 @@ fn locators_resolve_in_both_encodings() {
     std::fs::remove_file(cdir.join("base.vhd")).unwrap();
     let moved = t.path().join("elsewhere.vhd");
     std::fs::rename(&base, &moved).unwrap();
-    let d = Vhd::open(&child, &OpenOptions { parent_override: Some(moved.clone()), ..Default::default() }).unwrap();
+    let d = Vhd::open(
+        &child,
+        &OpenOptions {
+            parent_override: Some(moved.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(d.parent().unwrap().path(), Some(moved.as_path()));
 }
 
@@ -309,35 +391,82 @@ fn wrong_parent_loop_depth_and_timestamp() {
     let top = &levels[3].path;
     // Wrong unique id: a different disk with the right name.
     let other = t.path().join("other.vhd");
-    drop(Vhd::create(&other, &CreateOptions { virtual_size: SIZE, ..Default::default() }).unwrap());
-    let e = Vhd::open(top, &OpenOptions { parent_override: Some(other.clone()), ..Default::default() })
-        .err()
-        .unwrap();
+    drop(
+        Vhd::create(
+            &other,
+            &CreateOptions {
+                virtual_size: SIZE,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let e = Vhd::open(
+        top,
+        &OpenOptions {
+            parent_override: Some(other.clone()),
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap();
     assert!(matches!(e, Error::Parent(_)));
     let e = e.to_string();
-    assert!(e.contains("wrong parent") && e.contains("unique id") && e.contains("other.vhd") && e.contains("--parent"), "{e}");
+    assert!(
+        e.contains("wrong parent")
+            && e.contains("unique id")
+            && e.contains("other.vhd")
+            && e.contains("--parent"),
+        "{e}"
+    );
     // Too deep: four layers with a limit of three.
-    let e = Vhd::open(top, &OpenOptions { max_chain_depth: 3, ..Default::default() }).err().unwrap();
+    let e = Vhd::open(
+        top,
+        &OpenOptions {
+            max_chain_depth: 3,
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("deeper than 3"), "{e}");
-    assert!(Vhd::open(top, &OpenOptions { max_chain_depth: 4, ..Default::default() }).is_ok());
+    assert!(Vhd::open(
+        top,
+        &OpenOptions {
+            max_chain_depth: 4,
+            ..Default::default()
+        }
+    )
+    .is_ok());
     // Timestamp mismatch: only a warning from check.
-    let f = std::fs::OpenOptions::new().write(true).open(&levels[2].path).unwrap();
-    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(3600)).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&levels[2].path)
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(3600))
+        .unwrap();
     drop(f);
     assert!(opens(top).is_ok());
     let problems = vdisk_vhd::check(top).unwrap();
     assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(problems[0].starts_with("warning: parent time stamp"), "{problems:?}");
+    assert!(
+        problems[0].starts_with("warning: parent time stamp"),
+        "{problems:?}"
+    );
     // Loop: make child1's parent be child2 (whose parent is child1).
     let c1 = &levels[1].path;
-    let c2_id = Vhd::open_backing(std::sync::Arc::new(std::fs::read(&levels[2].path).unwrap())).unwrap().unique_id();
+    let c2_id = Vhd::open_backing(std::sync::Arc::new(std::fs::read(&levels[2].path).unwrap()))
+        .unwrap()
+        .unique_id();
     let mut data = std::fs::read(c1).unwrap();
     let mut h = DynHeader::parse(&data[512..1536]).unwrap();
     h.parent_unique_id = c2_id;
     data[512..1536].copy_from_slice(&h.to_bytes());
     std::fs::write(c1, data).unwrap();
     set_locators(c1, &[(PLATFORM_W2RU, utf16le(".\\child2.vhd"), false)]);
-    let e = Vhd::open(&levels[2].path, &OpenOptions::default()).err().unwrap();
+    let e = Vhd::open(&levels[2].path, &OpenOptions::default())
+        .err()
+        .unwrap();
     assert!(matches!(e, Error::Parent(_)));
     assert!(e.to_string().contains("loops"), "{e}");
     let problems = vdisk_vhd::check(&levels[2].path).unwrap();

@@ -51,7 +51,10 @@ fn expect_err(dir: &Path, data: &[u8], words: &[&str]) {
     }
     let p = dir.join("damaged.vhd");
     std::fs::write(&p, data).unwrap();
-    let e = Vhd::open(&p, &OpenOptions::default()).err().unwrap().to_string();
+    let e = Vhd::open(&p, &OpenOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("damaged.vhd"), "error names the file: {e}");
     let problems = vdisk_vhd::check(&p).unwrap();
     assert!(!problems.is_empty(), "check must report {words:?}");
@@ -73,11 +76,20 @@ fn damaged_footers() {
     std::fs::write(&p, &d).unwrap();
     let problems = vdisk_vhd::check(&p).unwrap();
     assert!(
-        problems.iter().any(|s| s.contains("footer at the end") && s.contains("checksum")),
+        problems
+            .iter()
+            .any(|s| s.contains("footer at the end") && s.contains("checksum")),
         "{problems:?}"
     );
     {
-        let mut w = Vhd::open(&p, &OpenOptions { writable: true, ..Default::default() }).unwrap();
+        let mut w = Vhd::open(
+            &p,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         w.write_at(&[0x77; 512], 7 * MIB).unwrap();
         w.flush().unwrap();
     }
@@ -87,9 +99,40 @@ fn damaged_footers() {
     want[7 * MIB as usize..7 * MIB as usize + 512].fill(0x77);
     assert_same("after repair, qemu", &qemu_read(&p), &want);
 
+    // Copy at 0 damaged, trailing footer good: readable, reported, repaired by the next write.
+    let mut h = good.clone();
+    h[100] ^= 0xff;
+    let p = t.path().join("head.vhd");
+    std::fs::write(&p, &h).unwrap();
+    let problems = vdisk_vhd::check(&p).unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|s| s.contains("footer copy at offset 0") && s.contains("checksum")),
+        "{problems:?}"
+    );
+    {
+        let v = Vhd::open(&p, &OpenOptions::default()).unwrap();
+        assert_same("damaged copy at 0", &read_all(&v), &content);
+        let mut w = Vhd::open(
+            &p,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        w.write_at(&[0x66; 512], 0).unwrap();
+    }
+    assert!(vdisk_vhd::check(&p).unwrap().is_empty());
+
     // Both copies damaged.
     d[100] ^= 0xff;
-    expect_err(t.path(), &d, &["footer checksum mismatch", "no valid footer copy"]);
+    expect_err(
+        t.path(),
+        &d,
+        &["footer checksum mismatch", "no valid footer copy"],
+    );
     // Not a VHD at all.
     expect_err(t.path(), &vec![0u8; 4096], &["conectix"]);
     expect_err(t.path(), &[1u8; 100], &["512-byte footer"]);
@@ -140,17 +183,37 @@ fn damaged_dynamic_header() {
         d
     };
     // Absurd max table entries.
-    expect_err(t.path(), &edit(&|d| be32_put(d, 512 + 28, u32::MAX)), &["block table", "inside the file"]);
-    expect_err(t.path(), &edit(&|d| be32_put(d, 512 + 28, 1)), &["block table has 1 entries", "needs 4"]);
+    expect_err(
+        t.path(),
+        &edit(&|d| be32_put(d, 512 + 28, u32::MAX)),
+        &["block table", "inside the file"],
+    );
+    expect_err(
+        t.path(),
+        &edit(&|d| be32_put(d, 512 + 28, 1)),
+        &["block table has 1 entries", "needs 4"],
+    );
     // Absurd block sizes.
     for bs in [0u32, 1000, 0x8000_0000, 512 << 20] {
-        expect_err(t.path(), &edit(&|d| be32_put(d, 512 + 32, bs)), &["block size"]);
+        expect_err(
+            t.path(),
+            &edit(&|d| be32_put(d, 512 + 32, bs)),
+            &["block size"],
+        );
     }
     // A small but valid block size makes the table too small for the disk.
-    expect_err(t.path(), &edit(&|d| be32_put(d, 512 + 32, 4096)), &["needs"]);
+    expect_err(
+        t.path(),
+        &edit(&|d| be32_put(d, 512 + 32, 4096)),
+        &["needs"],
+    );
     // Absurd table offsets.
     for off in [0u64, u64::MAX - 3, n as u64 - 8, 1 << 40] {
-        expect_err(t.path(), &edit(&|d| be64_put(d, 512 + 16, off)), &["block table", "inside the file"]);
+        expect_err(
+            t.path(),
+            &edit(&|d| be64_put(d, 512 + 16, off)),
+            &["block table", "inside the file"],
+        );
     }
 }
 
@@ -171,9 +234,24 @@ fn bat_entries_past_eof_and_overlapping() {
     std::fs::write(&p, &d).unwrap();
     assert!(Vhd::open(&p, &OpenOptions::default()).is_ok());
     let problems = vdisk_vhd::check(&p).unwrap();
-    assert!(problems.iter().any(|s| s.contains("overlap the") || s.contains("overlaps the")), "{problems:?}");
-    assert!(problems.iter().any(|s| s.contains("block 3") && s.contains("dynamic disk header")), "{problems:?}");
-    assert!(problems.iter().any(|s| s.contains("blocks 0") && s.contains("and 2") && s.contains("overlap")), "{problems:?}");
+    assert!(
+        problems
+            .iter()
+            .any(|s| s.contains("overlap the") || s.contains("overlaps the")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|s| s.contains("block 3") && s.contains("dynamic disk header")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|s| s.contains("blocks 0") && s.contains("and 2") && s.contains("overlap")),
+        "{problems:?}"
+    );
 }
 
 #[test]
@@ -181,7 +259,18 @@ fn truncated_files_never_panic() {
     let t = tempfile::tempdir().unwrap();
     let (good, _) = qemu_dynamic(t.path());
     let mut lens: Vec<usize> = (0..good.len()).step_by(512 * 37).collect();
-    lens.extend([1, 511, 512, 513, 1535, 1536, 2047, 2048, good.len() - 512, good.len() - 1]);
+    lens.extend([
+        1,
+        511,
+        512,
+        513,
+        1535,
+        1536,
+        2047,
+        2048,
+        good.len() - 512,
+        good.len() - 1,
+    ]);
     for len in lens {
         let d = good[..len].to_vec();
         match Vhd::open_backing(Arc::new(d.clone())) {
@@ -222,14 +311,24 @@ fn random_header_fields_never_panic() {
     let t = tempfile::tempdir().unwrap();
     let base = t.path().join("b.vhd");
     let child = t.path().join("c.vhd");
-    let mut b = Vhd::create(&base, &CreateOptions { virtual_size: 6 * MIB, ..Default::default() }).unwrap();
+    let mut b = Vhd::create(
+        &base,
+        &CreateOptions {
+            virtual_size: 6 * MIB,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     b.write_at(&[9u8; 3000], MIB - 7).unwrap();
     drop(b);
     let mut c = Vhd::create_child(&base, &child).unwrap();
     c.write_at(&[8u8; 5000], 2 * MIB - 13).unwrap();
     drop(c);
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-    for good in [std::fs::read(&base).unwrap(), std::fs::read(&child).unwrap()] {
+    for good in [
+        std::fs::read(&base).unwrap(),
+        std::fs::read(&child).unwrap(),
+    ] {
         let n = good.len();
         for _ in 0..400 {
             let mut d = good.clone();
@@ -239,7 +338,10 @@ fn random_header_fields_never_panic() {
                 let (base_at, fields): (usize, &[(usize, usize)]) = if rng.gen_bool(0.4) {
                     (n - 512, &[(16, 8), (40, 8), (48, 8), (56, 4), (60, 4)])
                 } else {
-                    (512, &[(16, 8), (28, 4), (32, 4), (576, 24), (600, 24), (40, 16)])
+                    (
+                        512,
+                        &[(16, 8), (28, 4), (32, 4), (576, 24), (600, 24), (40, 16)],
+                    )
                 };
                 let (off, len) = fields[rng.gen_range(0..fields.len())];
                 for i in 0..len {
@@ -267,4 +369,82 @@ fn random_header_fields_never_panic() {
             let _ = vdisk_vhd::check(&p).unwrap();
         }
     }
+}
+
+#[test]
+fn is_vhd_recognises_footers() {
+    let t = tempfile::tempdir().unwrap();
+    let (good, _) = qemu_dynamic(t.path());
+    let n = good.len();
+    let (head, tail) = (&good[..512], &good[n - 512..]);
+    assert!(vdisk_vhd::is_vhd(head, tail));
+    // Trailing footer destroyed: the valid copy at 0 still identifies it.
+    assert!(vdisk_vhd::is_vhd(head, &[0u8; 512]));
+    // A raw disk that happens to start with the cookie is not a VHD.
+    let mut fake = [0u8; 512];
+    fake[..8].copy_from_slice(b"conectix");
+    assert!(!vdisk_vhd::is_vhd(&fake, &[0u8; 512]));
+    assert!(!vdisk_vhd::is_vhd(&[0u8; 512], &[0u8; 512]));
+    assert!(!vdisk_vhd::is_vhd(&[], &[]));
+    // Fixed disks have only the trailing footer.
+    let f = t.path().join("f.vhd");
+    qemu_create(&f, "subformat=fixed", MIB);
+    let fixed = std::fs::read(&f).unwrap();
+    assert!(vdisk_vhd::is_vhd(
+        &fixed[..512],
+        &fixed[fixed.len() - 512..]
+    ));
+}
+
+#[test]
+fn create_child_refuses_to_overwrite_its_parent() {
+    let t = tempfile::tempdir().unwrap();
+    let base = t.path().join("b.vhd");
+    drop(
+        Vhd::create(
+            &base,
+            &CreateOptions {
+                virtual_size: MIB,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let before = std::fs::read(&base).unwrap();
+    let e = Vhd::create_child(&base, &base).err().unwrap().to_string();
+    assert!(e.contains("parent chain"), "{e}");
+    assert_eq!(std::fs::read(&base).unwrap(), before);
+}
+
+/// Tiny blocks on a huge disk, in a huge sparse file: the table would fit in the file, but we
+/// refuse to hold hundreds of MiB of table in memory.
+#[test]
+fn huge_block_table_in_sparse_file_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let (good, _) = qemu_dynamic(t.path());
+    let size: u64 = 100 << 30;
+    let entries = (size / 512) as u32;
+    let mut d = good[..good.len() - 512].to_vec();
+    let mut footer = good[good.len() - 512..].to_vec();
+    be64_put(&mut footer, 48, size);
+    fix_footer(&mut footer, 0);
+    d[..512].copy_from_slice(&footer);
+    be32_put(&mut d, 512 + 28, entries);
+    be32_put(&mut d, 512 + 32, 512);
+    fix_header(&mut d);
+    let p = t.path().join("huge.vhd");
+    std::fs::write(&p, &d).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    let end = 1536 + entries as u64 * 4 + MIB;
+    f.set_len(end).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &footer, end).unwrap();
+    drop(f);
+    let e = Vhd::open(&p, &OpenOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("block table entries") && e.contains("huge.vhd"),
+        "{e}"
+    );
 }

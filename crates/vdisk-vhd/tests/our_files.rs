@@ -120,9 +120,21 @@ fn zero_writes_do_not_allocate_in_dynamic_disks() {
     assert_eq!(
         d.map(0, 16 * MIB, MapScope::View).unwrap(),
         vec![
-            vdisk_core::Extent { offset: 0, length: 4 * MIB, state: ExtentState::Unallocated },
-            vdisk_core::Extent { offset: 4 * MIB, length: 2 * MIB, state: ExtentState::Data },
-            vdisk_core::Extent { offset: 6 * MIB, length: 10 * MIB, state: ExtentState::Unallocated },
+            vdisk_core::Extent {
+                offset: 0,
+                length: 4 * MIB,
+                state: ExtentState::Unallocated
+            },
+            vdisk_core::Extent {
+                offset: 4 * MIB,
+                length: 2 * MIB,
+                state: ExtentState::Data
+            },
+            vdisk_core::Extent {
+                offset: 6 * MIB,
+                length: 10 * MIB,
+                state: ExtentState::Unallocated
+            },
         ]
     );
     let info = d.info();
@@ -135,7 +147,12 @@ fn zero_writes_do_not_allocate_in_dynamic_disks() {
 fn create_validates_arguments() {
     let t = tempfile::tempdir().unwrap();
     let p = t.path().join("bad.vhd");
-    for (size, bs) in [(1000, 2 << 20), (0, 2 << 20), (2041 << 30, 2 << 20), (MIB, 3 << 20)] {
+    for (size, bs) in [
+        (1000, 2 << 20),
+        (0, 2 << 20),
+        (2041 << 30, 2 << 20),
+        (MIB, 3 << 20),
+    ] {
         let e = Vhd::create(
             &p,
             &CreateOptions {
@@ -150,7 +167,14 @@ fn create_validates_arguments() {
         assert!(e.contains("must be"), "{e}");
     }
     // Read-only opens refuse writes.
-    Vhd::create(&p, &CreateOptions { virtual_size: MIB, ..Default::default() }).unwrap();
+    Vhd::create(
+        &p,
+        &CreateOptions {
+            virtual_size: MIB,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut d = Vhd::open(&p, &OpenOptions::default()).unwrap();
     let e = d.write_at(&[1], 0).unwrap_err().to_string();
     assert!(e.contains("read-only"), "{e}");

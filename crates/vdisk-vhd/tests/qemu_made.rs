@@ -33,7 +33,11 @@ fn open(path: &Path) -> Vhd {
 
 fn compare_with_qemu(path: &Path) -> Vhd {
     let d = open(path);
-    assert_eq!(d.geometry().virtual_size, qemu_size(path), "size as qemu-img info");
+    assert_eq!(
+        d.geometry().virtual_size,
+        qemu_size(path),
+        "size as qemu-img info"
+    );
     let ours = read_all(&d);
     assert_same(&path.display().to_string(), &ours, &qemu_read(path));
     d
@@ -60,7 +64,10 @@ fn qemu_dynamic_chs_sized() {
     let map = d.map(0, size, MapScope::View).unwrap();
     let mut data_blocks = std::collections::BTreeSet::new();
     for e in &map {
-        assert!(matches!(e.state, ExtentState::Data | ExtentState::Unallocated));
+        assert!(matches!(
+            e.state,
+            ExtentState::Data | ExtentState::Unallocated
+        ));
         if e.state == ExtentState::Data {
             assert_eq!(e.offset % bs, 0, "{map:?}");
             for b in e.offset / bs..e.end().div_ceil(bs) {
@@ -152,4 +159,70 @@ fn qemu_creator_size_rule() {
     assert_eq!(qemu_size(&p), smaller);
     let d = compare_with_qemu(&p);
     assert_eq!(d.geometry().virtual_size, smaller);
+}
+
+/// In a dynamic (non-differencing) disk a present block is read whole: qemu ignores the sector
+/// bitmap there, and so do we, even when a bitmap has clear bits.
+#[test]
+fn dynamic_bitmap_bits_are_informational() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path().join("d.vhd");
+    qemu_create(&p, "subformat=dynamic,force_size=on", 8 * MIB);
+    qemu_write(&p, 0x5e, 2 * MIB, 2 * MIB);
+    let mut data = std::fs::read(&p).unwrap();
+    let table = u64::from_be_bytes(data[512 + 16..512 + 24].try_into().unwrap()) as usize;
+    let entry = u32::from_be_bytes(data[table + 4..table + 8].try_into().unwrap()) as usize;
+    assert_ne!(entry, 0xFFFF_FFFF);
+    // Clear the bits of the first 64 sectors of block 1.
+    data[entry * 512..entry * 512 + 8].fill(0);
+    std::fs::write(&p, &data).unwrap();
+    let d = compare_with_qemu(&p);
+    let mut b = [0u8; 512];
+    d.read_at(&mut b, 2 * MIB).unwrap();
+    assert_eq!(b, [0x5e; 512]);
+}
+
+/// Our writer on files qemu laid out: qemu reads back what we wrote, and qemu's own later
+/// writes land where we expect.
+#[test]
+fn we_write_into_qemu_files() {
+    use vdisk_core::VirtualDiskMut;
+    for opts in ["subformat=dynamic", "subformat=fixed"] {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("w.vhd");
+        qemu_create(&p, opts, 12 * MIB);
+        let size = qemu_size(&p);
+        qemu_write(&p, 0x21, MIB, 3 * MIB);
+        let mut model = qemu_read(&p);
+        {
+            let mut d = Vhd::open(
+                &p,
+                &OpenOptions {
+                    writable: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            for (i, (off, len)) in [
+                (7, 1000),
+                (2 * MIB + 3, 5000),
+                (9 * MIB - 100, 2 * MIB),
+                (size - 10, 10),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let buf = vec![0x90 + i as u8; len as usize];
+                d.write_at(&buf, off).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&buf);
+            }
+            d.flush().unwrap();
+        }
+        assert_same(opts, &qemu_read(&p), &model);
+        qemu_write(&p, 0x42, 11 * MIB, 4096);
+        model[11 * MIB as usize..11 * MIB as usize + 4096].fill(0x42);
+        let d = compare_with_qemu(&p);
+        assert_same(opts, &read_all(&d), &model);
+        assert!(vdisk_vhd::check(&p).unwrap().is_empty());
+    }
 }

@@ -13,8 +13,8 @@ use std::sync::Arc;
 
 use vdisk_core::disk::{check_range, push_extent};
 use vdisk_core::{
-    DiskFormat, DiskInfo, Error, Extent, ExtentState, Geometry, MapScope,
-    OpenOptions, ReadAt, Result, VirtualDisk,
+    DiskFormat, DiskInfo, Error, Extent, ExtentState, Geometry, MapScope, OpenOptions, ReadAt,
+    Result, VirtualDisk,
 };
 
 use crate::format::*;
@@ -177,13 +177,12 @@ impl Vhdx {
             }
             Ok(())
         };
-        let flush_parent =
-            |run: &mut Option<(u64, usize, usize)>, buf: &mut [u8]| -> Result<()> {
-                if let Some((go, bo, n)) = run.take() {
-                    self.read_parent(&mut buf[bo..bo + n], go)?;
-                }
-                Ok(())
-            };
+        let flush_parent = |run: &mut Option<(u64, usize, usize)>, buf: &mut [u8]| -> Result<()> {
+            if let Some((go, bo, n)) = run.take() {
+                self.read_parent(&mut buf[bo..bo + n], go)?;
+            }
+            Ok(())
+        };
         let mut pos = offset;
         while pos < end {
             let b = pos / bs;
@@ -398,12 +397,14 @@ fn candidates(child: &Path, loc: &ParentLocator) -> Vec<PathBuf> {
         .iter()
         .filter_map(|p| p.file_name().map(|n| dir.join(n)))
         .collect();
-    for n in names {
-        if !out.contains(&n) {
-            out.push(n);
+    out.extend(names);
+    let mut unique: Vec<PathBuf> = Vec::new();
+    for p in out {
+        if !unique.contains(&p) {
+            unique.push(p);
         }
     }
-    out
+    unique
 }
 
 /// Find and open the parent of `child`, checking linkage and sector size.
@@ -420,12 +421,7 @@ fn find_parent(
     let linkage = loc
         .get_guid("parent_linkage")
         .map_err(|e| e.with_path(child_path))?
-        .ok_or_else(|| {
-            corrupt_in(
-                child_path,
-                "the parent locator has no parent_linkage entry",
-            )
-        })?;
+        .ok_or_else(|| corrupt_in(child_path, "the parent locator has no parent_linkage entry"))?;
     let linkage2 = loc
         .get_guid("parent_linkage2")
         .map_err(|e| e.with_path(child_path))?;

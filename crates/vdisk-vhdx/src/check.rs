@@ -17,8 +17,8 @@ const MAX_OVERLAPS_LISTED: usize = 20;
 /// Check `path` (and its parent chain) without modifying it. Returns every structural problem
 /// found (empty = clean). `Err` only if the file cannot be opened or read at all.
 pub fn check(path: &Path) -> Result<Vec<String>> {
-    let file = File::open(path)
-        .map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+    let file =
+        File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
     let f = match VhdxFile::parse_lenient(Arc::new(file), Some(path)) {
         Ok(f) => f,
         Err(e @ Error::Io { .. }) => return Err(e),
@@ -89,7 +89,7 @@ fn overlapping_blocks(f: &VhdxFile) -> Vec<String> {
             }
         }
         let end = off.saturating_add(len);
-        if reach.map_or(true, |(e, _)| end > e) {
+        if reach.is_none_or(|(e, _)| end > e) {
             reach = Some((end, i));
         }
     }

@@ -82,7 +82,10 @@ impl CreateOptions {
                 "a VHDX needs a virtual size larger than zero".into(),
             ));
         }
-        if self.virtual_size % u64::from(self.logical_sector_size) != 0 {
+        if !self
+            .virtual_size
+            .is_multiple_of(u64::from(self.logical_sector_size))
+        {
             return Err(Error::InvalidArgument(format!(
                 "VHDX virtual size {} is not a multiple of the logical sector size {}",
                 self.virtual_size, self.logical_sector_size
@@ -333,7 +336,12 @@ pub(crate) fn absolute(p: &Path) -> Result<PathBuf> {
         Some(d) => d.canonicalize(),
         None => std::env::current_dir(),
     }
-    .map_err(|e| Error::io(format!("cannot resolve the directory of {}", p.display()), e))?;
+    .map_err(|e| {
+        Error::io(
+            format!("cannot resolve the directory of {}", p.display()),
+            e,
+        )
+    })?;
     let name = p
         .file_name()
         .ok_or_else(|| Error::InvalidArgument(format!("{} is not a file name", p.display())))?;

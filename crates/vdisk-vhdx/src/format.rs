@@ -251,7 +251,7 @@ impl Header {
                 format!("log version {} (only version 0 exists)", h.log_version),
             ));
         }
-        if h.log_length as u64 % MIB != 0 || h.log_offset % MIB != 0 {
+        if !(h.log_length as u64).is_multiple_of(MIB) || !h.log_offset.is_multiple_of(MIB) {
             return Err(corrupt(format!(
                 "log location (offset {}, length {}) is not 1 MiB aligned",
                 h.log_offset, h.log_length
@@ -408,7 +408,7 @@ impl RegionTable {
                 length: le_u32(b, at + 24),
                 required: le_u32(b, at + 28) & 1 != 0,
             };
-            if e.file_offset % MIB != 0 || e.length as u64 % MIB != 0 {
+            if !e.file_offset.is_multiple_of(MIB) || !(e.length as u64).is_multiple_of(MIB) {
                 return Err(corrupt(format!(
                     "region {} (offset {}, length {}) is not 1 MiB aligned",
                     e.guid, e.file_offset, e.length
@@ -640,9 +640,10 @@ impl ParentLocator {
     pub(crate) fn get_guid(&self, key: &str) -> Result<Option<Guid>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.parse::<Guid>().map(Some).map_err(|_| {
-                corrupt(format!("parent locator entry {key} is not a GUID: {v:?}"))
-            }),
+            Some(v) => v
+                .parse::<Guid>()
+                .map(Some)
+                .map_err(|_| corrupt(format!("parent locator entry {key} is not a GUID: {v:?}"))),
         }
     }
 
@@ -666,7 +667,7 @@ impl ParentLocator {
         }
         let text = |off: u32, len: u16, what: &str| -> Result<String> {
             let (off, len) = (off as usize, len as usize);
-            if len % 2 != 0 || off + len > b.len() {
+            if !len.is_multiple_of(2) || off + len > b.len() {
                 return Err(corrupt(format!(
                     "parent locator {what} (offset {off}, length {len}) lies outside the locator"
                 )));
@@ -836,7 +837,10 @@ impl Metadata {
                 self.virtual_size
             )));
         }
-        if self.virtual_size % self.logical_sector_size as u64 != 0 {
+        if !self
+            .virtual_size
+            .is_multiple_of(self.logical_sector_size as u64)
+        {
             return Err(corrupt(format!(
                 "virtual disk size {} is not a multiple of the logical sector size {}",
                 self.virtual_size, self.logical_sector_size
@@ -1002,8 +1006,9 @@ pub(crate) fn entry_offset(e: u64) -> u64 {
     e & !(MIB - 1)
 }
 
+#[allow(dead_code)] // for writers
 pub(crate) fn make_entry(state: u8, file_offset: u64) -> u64 {
-    debug_assert!(file_offset % MIB == 0);
+    debug_assert!(file_offset.is_multiple_of(MIB));
     (file_offset & !(MIB - 1)) | state as u64
 }
 
@@ -1013,24 +1018,13 @@ pub(crate) fn parse_bat(b: &[u8]) -> Vec<u64> {
         .collect()
 }
 
+#[allow(dead_code)] // for writers
 pub(crate) fn serialize_bat(entries: &[u64]) -> Vec<u8> {
     let mut b = Vec::with_capacity(entries.len() * 8);
     for e in entries {
         b.extend_from_slice(&e.to_le_bytes());
     }
     b
-}
-
-pub(crate) fn payload_state_name(s: u8) -> &'static str {
-    match s {
-        PAYLOAD_NOT_PRESENT => "NOT_PRESENT",
-        PAYLOAD_UNDEFINED => "UNDEFINED",
-        PAYLOAD_ZERO => "ZERO",
-        PAYLOAD_UNMAPPED | PAYLOAD_UNMAPPED_V1 => "UNMAPPED",
-        PAYLOAD_FULLY_PRESENT => "FULLY_PRESENT",
-        PAYLOAD_PARTIALLY_PRESENT => "PARTIALLY_PRESENT",
-        _ => "invalid",
-    }
 }
 
 #[cfg(test)]
@@ -1107,7 +1101,10 @@ mod tests {
         assert!(matches!(e, Error::Unsupported { .. }), "{e}");
         t.entries.pop();
         t.entries[0].file_offset = 2 * MIB;
-        let e = RegionTable::parse(&t.to_bytes()).unwrap().regions().unwrap_err();
+        let e = RegionTable::parse(&t.to_bytes())
+            .unwrap()
+            .regions()
+            .unwrap_err();
         assert!(e.to_string().contains("overlap"), "{e}");
     }
 

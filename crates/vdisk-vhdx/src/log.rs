@@ -245,13 +245,13 @@ pub(crate) fn parse_entry(
         let at = 64 + 32 * i;
         let d = &bytes[at..at + 32];
         let file_offset = le_u64(d, 16);
-        if le_u64(d, 24) != sequence_number || file_offset % SECTOR_U64 != 0 {
+        if le_u64(d, 24) != sequence_number || !file_offset.is_multiple_of(SECTOR_U64) {
             return None;
         }
         let desc = match &d[0..4] {
             b"zero" => {
                 let length = le_u64(d, 8);
-                if le_u32(d, 4) != 0 || length % SECTOR_U64 != 0 {
+                if le_u32(d, 4) != 0 || !length.is_multiple_of(SECTOR_U64) {
                     return None;
                 }
                 Descriptor::Zero {
@@ -331,7 +331,10 @@ fn read_log(backing: &dyn ReadAt, log_offset: u64, log_length: u32) -> Result<Lo
     let file_size = backing
         .size()
         .map_err(|e| io_err("cannot get the size of the VHDX file", e))?;
-    if log_length == 0 || u64::from(log_length) % MIB != 0 || log_offset % MIB != 0 {
+    if log_length == 0
+        || !u64::from(log_length).is_multiple_of(MIB)
+        || !log_offset.is_multiple_of(MIB)
+    {
         return Err(corrupt(format!(
             "the log (offset {log_offset}, length {log_length}) is not 1 MiB aligned"
         )));
@@ -365,8 +368,12 @@ fn read_log(backing: &dyn ReadAt, log_offset: u64, log_length: u32) -> Result<Lo
 /// Find the active sequence as MS-VHDX 2.3.3 describes: try every 4 KiB position as a tail, extend
 /// with consecutive valid entries, keep sequences whose head's tail lies inside them, and take the
 /// one with the highest head sequence number.
-fn find_active_sequence(log: &LogImage, log_guid: Guid) -> Option<ActiveSequence> {
+fn find_active_sequence(log: &LogImage, log_guid: Guid) -> Result<Option<ActiveSequence>> {
     let log_len = log.len();
+    // The spec's scan re-walks a sequence from every 4 KiB tail inside it; a hostile log full of
+    // chained entries whose tails point nowhere would make that quadratic. Real logs need a few
+    // steps per sector; past this budget the log is refused rather than scanned for hours.
+    let mut budget = (log_len / SECTOR_U64) * 64 + 4096;
     // Each position is parsed at most once: a hostile log cannot make the scan quadratic in I/O.
     let mut cache: HashMap<u64, Option<LogEntry>> = HashMap::new();
     let mut entry_at = |pos: u64| -> Option<LogEntry> {
@@ -383,6 +390,12 @@ fn find_active_sequence(log: &LogImage, log_guid: Guid) -> Option<ActiveSequence
         let mut head_pos = current_tail;
         let mut covered = 0u64;
         while let Some(entry) = entry_at(head_pos) {
+            budget = budget.checked_sub(1).ok_or_else(|| {
+                corrupt(
+                    "the log holds so many chained entries with tails outside their sequence \
+                     that it cannot be a real log",
+                )
+            })?;
             if let Some((_, last)) = seq.last() {
                 if entry.sequence_number != last.sequence_number.wrapping_add(1)
                     || last.sequence_number == u64::MAX
@@ -412,7 +425,7 @@ fn find_active_sequence(log: &LogImage, log_guid: Guid) -> Option<ActiveSequence
                 .position(|(p, _)| *p == u64::from(head.tail))
                 .unwrap_or(0);
             let head_seq = head.sequence_number;
-            if best.as_ref().map_or(true, |(s, _)| head_seq > *s) {
+            if best.as_ref().is_none_or(|(s, _)| head_seq > *s) {
                 best = Some((head_seq, seq[start..].to_vec()));
             }
             current_tail = head_pos % log_len;
@@ -432,9 +445,9 @@ fn find_active_sequence(log: &LogImage, log_guid: Guid) -> Option<ActiveSequence
         }
         old_tail = current_tail;
     }
-    best.map(|(_, seq)| ActiveSequence {
+    Ok(best.map(|(_, seq)| ActiveSequence {
         entries: seq.into_iter().map(|(_, e)| e).collect(),
-    })
+    }))
 }
 
 /// Find the active sequence of a log that must be replayed, with the checks that make the file
@@ -446,7 +459,7 @@ fn active_sequence(
     log_length: u32,
 ) -> Result<ActiveSequence> {
     let log = read_log(backing, log_offset, log_length)?;
-    let seq = find_active_sequence(&log, log_guid).ok_or_else(|| {
+    let seq = find_active_sequence(&log, log_guid)?.ok_or_else(|| {
         corrupt(format!(
             "the header says the log (LogGuid {log_guid}) must be replayed, but the log holds no \
              valid entry sequence; the metadata cannot be trusted"
@@ -762,8 +775,13 @@ mod tests {
         assert_eq!(e.last_file_offset, 9 * MIB);
         assert_eq!(e.descriptors, descs);
         // Wrong guid, flipped bit, broken data sector sequence: all invalid.
-        assert!(parse_entry(&bytes[..SECTOR], |n| bytes[..n].to_vec(), MIB, Guid::new_random())
-            .is_none());
+        assert!(parse_entry(
+            &bytes[..SECTOR],
+            |n| bytes[..n].to_vec(),
+            MIB,
+            Guid::new_random()
+        )
+        .is_none());
         let mut bad = bytes.clone();
         bad[5000] ^= 1;
         assert!(parse_entry(&bad[..SECTOR], |n| bad[..n].to_vec(), MIB, g).is_none());
@@ -828,8 +846,8 @@ mod tests {
                 .collect();
             w.write_entry(&f, g, &list, 8 * MIB, 8 * MIB).unwrap();
         }
-        let view = replay_in_memory(Arc::new(MemBacking::new(f.snapshot())), g, LOG_OFF, LOG_LEN)
-            .unwrap();
+        let view =
+            replay_in_memory(Arc::new(MemBacking::new(f.snapshot())), g, LOG_OFF, LOG_LEN).unwrap();
         for i in 0..104u64 {
             assert_eq!(
                 read(&*view, 3 * MIB + i * SECTOR_U64, SECTOR),
@@ -837,7 +855,7 @@ mod tests {
             );
         }
         let log = read_log(&f, LOG_OFF, LOG_LEN).unwrap();
-        let seq = find_active_sequence(&log, g).unwrap();
+        let seq = find_active_sequence(&log, g).unwrap().unwrap();
         assert_eq!(seq.head().sequence_number, 5);
     }
 
@@ -867,8 +885,7 @@ mod tests {
         e[4..8].copy_from_slice(&c.to_le_bytes());
         f.write_all_at(&e, LOG_OFF).unwrap();
         assert!(
-            replay_in_memory(Arc::new(MemBacking::new(f.snapshot())), g, LOG_OFF, LOG_LEN)
-                .is_err()
+            replay_in_memory(Arc::new(MemBacking::new(f.snapshot())), g, LOG_OFF, LOG_LEN).is_err()
         );
         // Absurd file offset in a zero descriptor.
         let e = serialize_entry(
@@ -884,8 +901,7 @@ mod tests {
         );
         f.write_all_at(&e, LOG_OFF).unwrap();
         assert!(
-            replay_in_memory(Arc::new(MemBacking::new(f.snapshot())), g, LOG_OFF, LOG_LEN)
-                .is_err()
+            replay_in_memory(Arc::new(MemBacking::new(f.snapshot())), g, LOG_OFF, LOG_LEN).is_err()
         );
         // A descriptor writing into the log itself.
         let e = serialize_entry(
@@ -924,13 +940,49 @@ mod tests {
         let second = LOG_OFF + w.next_pos;
         w.write_entry(&f, g, &[(3 * MIB, &b)], 8 * MIB, 8 * MIB)
             .unwrap();
-        let view = replay_in_memory(Arc::new(MemBacking::new(f.snapshot())), g, LOG_OFF, LOG_LEN)
-            .unwrap();
+        let view =
+            replay_in_memory(Arc::new(MemBacking::new(f.snapshot())), g, LOG_OFF, LOG_LEN).unwrap();
         assert_eq!(read(&*view, 3 * MIB, SECTOR), b.to_vec());
         // Tear the second entry: its data sector is damaged, the first entry is replayed.
-        f.write_all_at(&[0xEE; 100], second + SECTOR_U64 + 200).unwrap();
-        let view = replay_in_memory(Arc::new(MemBacking::new(f.snapshot())), g, LOG_OFF, LOG_LEN)
+        f.write_all_at(&[0xEE; 100], second + SECTOR_U64 + 200)
             .unwrap();
+        let view =
+            replay_in_memory(Arc::new(MemBacking::new(f.snapshot())), g, LOG_OFF, LOG_LEN).unwrap();
         assert_eq!(read(&*view, 3 * MIB, SECTOR), a.to_vec());
+    }
+
+    #[test]
+    fn chained_entries_with_foreign_tails_are_refused_quickly() {
+        // Two-sector entries with consecutive sequence numbers filling a 4 MiB log, each naming
+        // as its tail a data sector (never an entry): every sequence is invalid, and the spec's
+        // scan re-walks each one from every later tail. The budget stops it.
+        let g = Guid::new_random();
+        let log_len = 4 * MIB;
+        let f = file(8 * MIB);
+        let n = log_len / (2 * SECTOR_U64);
+        for i in 0..n {
+            let e = serialize_entry(
+                i + 1,
+                (((i + n / 2) % n) * 2 * SECTOR_U64 + SECTOR_U64) as u32,
+                g,
+                0,
+                0,
+                &[Descriptor::Data {
+                    file_offset: 6 * MIB,
+                    page: Box::new(page(1)),
+                }],
+            );
+            f.write_all_at(&e, LOG_OFF + i * 2 * SECTOR_U64).unwrap();
+        }
+        let t = std::time::Instant::now();
+        let r = replay_in_memory(
+            Arc::new(MemBacking::new(f.snapshot())),
+            g,
+            LOG_OFF,
+            log_len as u32,
+        );
+        let e = r.err().expect("must be refused").to_string();
+        assert!(e.contains("chained entries"), "{e}");
+        assert!(t.elapsed().as_secs() < 10);
     }
 }

@@ -43,6 +43,7 @@ pub(crate) struct VhdxFile {
     pub(crate) file_id: FileIdentifier,
     /// The current header and its slot (0 = 64 KiB, 1 = 128 KiB).
     pub(crate) header: Header,
+    #[allow(dead_code)] // for the writer and diagnostics
     pub(crate) header_slot: usize,
     pub(crate) regions: Regions,
     pub(crate) metadata: Metadata,
@@ -131,6 +132,12 @@ impl VhdxFile {
         }
         read_exact(&*raw, &mut id, 0, "file identifier")?;
         let file_id = FileIdentifier::parse(&id)?;
+        if raw_size < HEADER_SECTION_SIZE {
+            return Err(corrupt(format!(
+                "the file is truncated: it is {raw_size} bytes, shorter than the 1 MiB header \
+                 section every VHDX file starts with"
+            )));
+        }
 
         let (backing, writer, mut log_state) = match writable {
             Some(w) => (
@@ -331,11 +338,7 @@ impl VhdxFile {
         let bs = self.geo.block_size as u64;
         let reserved: [(&str, u64, u64); 4] = [
             ("header section", 0, HEADER_SECTION_SIZE),
-            (
-                "log",
-                self.header.log_offset,
-                self.header.log_length as u64,
-            ),
+            ("log", self.header.log_offset, self.header.log_length as u64),
             (
                 "BAT",
                 self.regions.bat_offset,

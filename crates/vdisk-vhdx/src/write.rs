@@ -58,19 +58,20 @@ impl PendingPages {
     /// Change bytes of the page at `page_offset`, loading it from the file the first time.
     fn modify(&self, page_offset: u64, f: impl FnOnce(&mut [u8; SECTOR])) -> io::Result<()> {
         let mut pages = self.pages.write().unwrap_or_else(|e| e.into_inner());
-        if !pages.contains_key(&page_offset) {
-            let mut p = Box::new([0u8; SECTOR]);
-            let size = self.file.size()?;
-            // A page past the end of the file (a freshly allocated bitmap block) reads as zeros.
-            if page_offset < size {
-                let n = (size - page_offset).min(PAGE) as usize;
-                self.file.read_exact_at(&mut p[..n], page_offset)?;
+        let page = match pages.entry(page_offset) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(v) => {
+                let mut p = Box::new([0u8; SECTOR]);
+                let size = self.file.size()?;
+                // A page past the end of the file (a new bitmap block) reads as zeros.
+                if page_offset < size {
+                    let n = (size - page_offset).min(PAGE) as usize;
+                    self.file.read_exact_at(&mut p[..n], page_offset)?;
+                }
+                v.insert(p)
             }
-            pages.insert(page_offset, p);
-        }
-        if let Some(p) = pages.get_mut(&page_offset) {
-            f(p);
-        }
+        };
+        f(page);
         Ok(())
     }
 
@@ -186,8 +187,21 @@ pub(crate) fn open_writable(
     file: File,
     path: &Path,
 ) -> Result<(Arc<dyn ReadAt>, WriteState, bool)> {
+    // Two writers on one file would allocate the same blocks and interleave log entries; the
+    // lock (advisory on Unix, enforced on Windows) makes a second writable open fail instead.
+    // It is released when the file is closed.
+    file.try_lock().map_err(|e| match e {
+        std::fs::TryLockError::WouldBlock => Error::InvalidArgument(format!(
+            "{} is already open for writing by another program or handle; close it first",
+            path.display()
+        )),
+        std::fs::TryLockError::Error(e) => {
+            Error::io(format!("cannot lock {} for writing", path.display()), e)
+        }
+    })?;
     let (header, slot) = current_header(&file, path)?;
-    let (log_guid, log_offset, log_length) = (header.log_guid, header.log_offset, header.log_length);
+    let (log_guid, log_offset, log_length) =
+        (header.log_guid, header.log_offset, header.log_length);
     let file = Arc::new(file);
     let size = file
         .size()
@@ -219,7 +233,7 @@ pub(crate) fn open_writable(
         // children must keep matching this file.
         st.update_headers(|_| {})?;
         replay_on_disk(&*st.file, log_guid, log_offset, log_length)
-        .map_err(|e| e.with_path(path))?;
+            .map_err(|e| e.with_path(path))?;
         st.update_headers(|h| h.log_guid = Guid::ZERO)?;
         let size = st
             .file
@@ -312,9 +326,9 @@ impl WriteState {
 
     fn layout(&self) -> Result<(Layout, BatGeometry)> {
         match (self.layout, self.geo) {
-            (Some(l), Some(g)) => Ok((l, g)),
+            (Some(l), Some(g)) if g.total_entries <= l.bat_entries => Ok((l, g)),
             _ => Err(Error::InvalidArgument(format!(
-                "{} is not ready for writing (internal: writer not configured)",
+                "{} is not ready for writing (internal: writer not configured, or the BAT is shorter than the disk needs)",
                 self.path.display()
             ))),
         }
@@ -387,7 +401,10 @@ impl WriteState {
         while bit < end {
             let page_index = bit / (PAGE * 8);
             let page_end_bit = ((page_index + 1) * PAGE * 8).min(end);
-            let (from, to) = (bit - page_index * PAGE * 8, page_end_bit - page_index * PAGE * 8);
+            let (from, to) = (
+                bit - page_index * PAGE * 8,
+                page_end_bit - page_index * PAGE * 8,
+            );
             self.pending
                 .modify(sb + page_index * PAGE, |p| {
                     for b in from..to {
@@ -405,7 +422,7 @@ impl WriteState {
         let (layout, geo) = self.layout()?;
         let lss = u64::from(layout.logical_sector_size);
         let len = buf.len() as u64;
-        if offset % lss != 0 || len % lss != 0 {
+        if !offset.is_multiple_of(lss) || !len.is_multiple_of(lss) {
             return Err(Error::InvalidArgument(format!(
                 "internal: unaligned sector write of {len} bytes at {offset}"
             )));
@@ -423,8 +440,7 @@ impl WriteState {
             let in_block = pos % bs;
             let n = (bs - in_block).min(end - pos);
             let data = &buf[(pos - offset) as usize..(pos - offset + n) as usize];
-            let covers_block =
-                in_block == 0 && (n == bs || pos + n == layout.virtual_size);
+            let covers_block = in_block == 0 && (n == bs || pos + n == layout.virtual_size);
             let idx = geo.payload_index(block) as u64;
             let entry = *bat.get(idx as usize).ok_or_else(|| {
                 Error::corrupt(
@@ -722,7 +738,7 @@ pub(crate) fn align_to_sectors<'a>(
     read: impl Fn(&mut [u8], u64) -> Result<()>,
 ) -> Result<(std::borrow::Cow<'a, [u8]>, u64)> {
     let len = buf.len() as u64;
-    if offset % sector == 0 && len % sector == 0 {
+    if offset.is_multiple_of(sector) && len.is_multiple_of(sector) {
         return Ok((std::borrow::Cow::Borrowed(buf), offset));
     }
     let start = offset - offset % sector;
@@ -751,7 +767,11 @@ mod tests {
         open_raw_layer(path, opts, false)
     }
 
-    fn open_raw_layer(path: &Path, opts: &CreateOptions, has_parent: bool) -> (WriteState, Vec<u64>) {
+    fn open_raw_layer(
+        path: &Path,
+        opts: &CreateOptions,
+        has_parent: bool,
+    ) -> (WriteState, Vec<u64>) {
         let f = File::options().read(true).write(true).open(path).unwrap();
         let (view, mut st, _) = open_writable(f, path).unwrap();
         let geo = region_geometry(opts);
@@ -833,7 +853,8 @@ mod tests {
             // Whole-block zeroing and a zero write that must not allocate.
             let rest = st.zero_whole_blocks(&mut bat, 0, 3 << 20).unwrap();
             for (o, n) in rest {
-                st.write_sectors(&mut bat, &vec![0u8; n as usize], o).unwrap();
+                st.write_sectors(&mut bat, &vec![0u8; n as usize], o)
+                    .unwrap();
             }
             model[..3 << 20].fill(0);
             st.flush().unwrap();
@@ -861,7 +882,14 @@ mod tests {
     }
 
     /// Write `data` at `off` (any alignment) into a layer and its model.
-    fn put(st: &mut WriteState, bat: &mut [u64], model: &mut [u8], lss: u64, data: &[u8], off: u64) {
+    fn put(
+        st: &mut WriteState,
+        bat: &mut [u64],
+        model: &mut [u8],
+        lss: u64,
+        data: &[u8],
+        off: u64,
+    ) {
         let (aligned, at) = align_to_sectors(data, off, lss, |b, o| {
             b.copy_from_slice(&model[o as usize..o as usize + b.len()]);
             Ok(())
@@ -909,9 +937,18 @@ mod tests {
                 }
                 // A whole block of zeros over parent data must hide it (ZERO state).
                 if depth > 0 {
-                    let rest = st.zero_whole_blocks(&mut bat, u64::from(bs), u64::from(bs)).unwrap();
+                    let rest = st
+                        .zero_whole_blocks(&mut bat, u64::from(bs), u64::from(bs))
+                        .unwrap();
                     for (o, n) in rest {
-                        put(&mut st, &mut bat, &mut model, lss, &vec![0u8; n as usize], o);
+                        put(
+                            &mut st,
+                            &mut bat,
+                            &mut model,
+                            lss,
+                            &vec![0u8; n as usize],
+                            o,
+                        );
                     }
                     model[bs as usize..2 * bs as usize].fill(0);
                 }
@@ -947,7 +984,14 @@ mod tests {
         put(&mut st, &mut bat, &mut model, 512, &vec![0x11; 3 << 20], 0);
         st.flush().unwrap();
         st.set_crash_after_log_write(true);
-        put(&mut st, &mut bat, &mut model, 512, &vec![0x22; 5 << 20], 20 << 20);
+        put(
+            &mut st,
+            &mut bat,
+            &mut model,
+            512,
+            &vec![0x22; 5 << 20],
+            20 << 20,
+        );
         put(&mut st, &mut bat, &mut model, 512, &vec![0x33; 1000], 4096);
         let err = st.flush().unwrap_err().to_string();
         assert!(err.contains("simulated crash"), "{err}");
@@ -964,12 +1008,18 @@ mod tests {
             .output()
             .expect("qemu-img is required");
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert!(qemu_raw(&copy) == model, "qemu's replay differs from the model");
+        assert!(
+            qemu_raw(&copy) == model,
+            "qemu's replay differs from the model"
+        );
         // Our writable open replays on disk and clears LogGuid.
         let (st, _) = open_raw(&path, &opts);
         assert!(st.header().log_guid.is_zero());
         drop(st);
         qemu_check(&path);
-        assert!(qemu_raw(&path) == model, "our replay differs from the model");
+        assert!(
+            qemu_raw(&path) == model,
+            "our replay differs from the model"
+        );
     }
 }

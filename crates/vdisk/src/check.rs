@@ -14,7 +14,13 @@ pub(crate) fn check(path: &Path, opts: &OpenOptions) -> Result<CheckReport> {
         ..opts.clone()
     };
     match detect::open(path, &ro) {
-        Err(e) => problems.push(format!("cannot open the disk with its parent chain: {e}")),
+        Err(e) => {
+            // The structural check often already said the same thing.
+            let msg = e.to_string();
+            if !problems.iter().any(|p| p.contains(&msg)) {
+                problems.push(format!("cannot open the disk with its parent chain: {msg}"));
+            }
+        }
         Ok(disk) => {
             problems.extend(probe_reads(&*disk));
             let info = disk.info();
@@ -31,8 +37,10 @@ pub(crate) fn check(path: &Path, opts: &OpenOptions) -> Result<CheckReport> {
                 }
                 if let Some(p) = &parent.path {
                     match formats::check(parent.format, p) {
-                        Ok(ps) => problems
-                            .extend(ps.into_iter().map(|m| format!("parent {}: {m}", p.display()))),
+                        Ok(ps) => problems.extend(
+                            ps.into_iter()
+                                .map(|m| format!("parent {}: {m}", p.display())),
+                        ),
                         Err(e) => problems.push(format!("parent {}: {e}", p.display())),
                     }
                 }

@@ -11,9 +11,13 @@
 //!
 //! - The planner walks the source's allocation map window by window (memory proportional to the
 //!   window, not the disk) and cuts `Data` extents into aligned pieces.
-//! - Readers fill pieces from a fixed pool of buffers and check them for zeros.
+//! - Readers fill pieces from a fixed pool of buffers and find their non-zero 4 KiB runs.
 //! - The writer takes the pieces in ascending offset order, so the output file grows
-//!   sequentially, and returns each buffer to the pool.
+//!   sequentially, writes only the non-zero runs (a new disk reads as zeros: writing zeros would
+//!   only allocate space), and returns each buffer to the pool.
+//!
+//! Fixed outputs are not filled with zeros either: their space is reserved when they are
+//! created, and the content is the same.
 //!
 //! Memory is bounded by the pool: `BUFFERS × PIECE` bytes whatever the disk size. A reader takes
 //! its buffer and its job in one critical section, so the lowest outstanding piece always has a
@@ -41,14 +45,37 @@ const BUFFERS: usize = 8;
 
 struct Piece {
     offset: u64,
-    len: usize,
     buf: Vec<u8>,
-    zero: bool,
+    /// Ranges of `buf` that hold non-zero data; everything else is zeros and is not written.
+    runs: Vec<(usize, usize)>,
+}
+
+/// Zero detection granularity, as file systems allocate: an all-zero 4 KiB stays a hole in a
+/// raw output, and a dynamic block that only receives zeros is never allocated.
+const ZERO_GRAIN: u64 = 4096;
+
+/// The non-zero ranges of `buf` (which holds the disk at `offset`), at `ZERO_GRAIN` granularity
+/// aligned to the disk, adjacent ranges merged.
+fn nonzero_runs(buf: &[u8], offset: u64) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut pos = 0usize;
+    while pos < buf.len() {
+        let abs = offset + pos as u64;
+        let end = (((abs / ZERO_GRAIN) + 1) * ZERO_GRAIN - offset).min(buf.len() as u64) as usize;
+        if !is_zero(&buf[pos..end]) {
+            match runs.last_mut() {
+                Some(last) if last.1 == pos => last.1 = end,
+                _ => runs.push((pos, end)),
+            }
+        }
+        pos = end;
+    }
+    runs
 }
 
 enum Step {
     /// A piece of data, read by some reader; the writer waits for it in order.
-    Piece(Receiver<Result<Piece>>),
+    Piece(u64, Receiver<Result<Piece>>),
     /// Everything below this offset is done (progress through unallocated ranges).
     Reached(u64),
 }
@@ -71,6 +98,16 @@ pub(crate) fn convert(
             "the source has {}-byte logical sectors, but VHD only has 512-byte sectors; \
              convert to vhdx instead (--to vhdx), which keeps the sector size",
             geo.logical_sector_size
+        )));
+    }
+    let sector = u64::from(geo.logical_sector_size.max(1));
+    if opts.format != DiskFormat::Raw && geo.virtual_size % sector != 0 {
+        let padded = geo.virtual_size.div_ceil(sector) * sector;
+        return Err(Error::InvalidArgument(format!(
+            "the source is {} bytes, not a whole number of {sector}-byte sectors, and {} stores \
+             whole sectors; pad a copy of the source to {padded} bytes \
+             (truncate -s {padded} COPY) and convert that",
+            geo.virtual_size, opts.format
         )));
     }
     refuse_existing(dst)?;
@@ -137,7 +174,16 @@ pub(crate) fn copy(
 
     std::thread::scope(|s| {
         let cancel = &cancel;
-        let planner = s.spawn(move || plan(src, size, job_tx, step_tx, cancel));
+        let planner = s.spawn(move || {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                plan(src, size, job_tx, step_tx, cancel)
+            }))
+            .unwrap_or_else(|_| {
+                Err(Error::InvalidArgument(
+                    "the source disk's allocation map failed (panicked); this is a bug".into(),
+                ))
+            })
+        });
         for _ in 0..READERS {
             let intake = Arc::clone(&intake);
             s.spawn(move || read_loop(src, intake));
@@ -193,7 +239,7 @@ fn plan(
                 let next = ((pos / PIECE + 1) * PIECE).min(e.end());
                 let (reply, result) = sync_channel(1);
                 // The step goes first, so the writer always knows about every queued job.
-                if steps.send(Step::Piece(result)).is_err() {
+                if steps.send(Step::Piece(next, result)).is_err() {
                     return Ok(data_bytes);
                 }
                 let job = Job {
@@ -232,13 +278,22 @@ fn read_loop(src: &dyn VirtualDisk, intake: Intake) {
             let Ok(job) = guard.1.recv() else { return };
             (buf, job)
         };
-        let result = src.read_at(&mut buf[..job.len], job.offset).map(|()| {
-            let zero = is_zero(&buf[..job.len]);
+        // A bug in a format reader must fail this conversion, not abort the program.
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            src.read_at(&mut buf[..job.len], job.offset)
+        }))
+        .unwrap_or_else(|_| {
+            Err(Error::InvalidArgument(format!(
+                "the source disk's reader failed (panicked) at offset {}; this is a bug",
+                job.offset
+            )))
+        });
+        let result = read.map(|()| {
+            let runs = nonzero_runs(&buf[..job.len], job.offset);
             Piece {
                 offset: job.offset,
-                len: job.len,
                 buf,
-                zero,
+                runs,
             }
         });
         // The writer may have stopped (error); then nobody wants the piece.
@@ -264,16 +319,16 @@ fn write_loop(
     for step in steps {
         match step {
             Step::Reached(at) => report(at),
-            Step::Piece(result) => {
+            Step::Piece(end, result) => {
                 let piece = result.recv().map_err(|_| {
                     Error::InvalidArgument("a convert reader thread stopped unexpectedly".into())
                 })??;
                 // A new disk reads as zeros: writing zeros would only allocate space.
-                if !piece.zero {
-                    out.write_at(&piece.buf[..piece.len], piece.offset)?;
-                    written += piece.len as u64;
+                for &(start, end) in &piece.runs {
+                    out.write_at(&piece.buf[start..end], piece.offset + start as u64)?;
+                    written += (end - start) as u64;
                 }
-                report(piece.offset + piece.len as u64);
+                report(end);
                 // The pool has room for every buffer, so this never blocks.
                 let _ = pool.send(piece.buf);
             }
@@ -285,6 +340,22 @@ fn write_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nonzero_runs_at_grain_granularity() {
+        let mut b = vec![0u8; 5 * 4096];
+        assert!(nonzero_runs(&b, 0).is_empty());
+        b[10] = 1;
+        b[4096 * 2 + 5] = 1;
+        b[4096 * 3] = 1;
+        assert_eq!(nonzero_runs(&b, 0), vec![(0, 4096), (8192, 16384)]);
+        // A piece that starts mid-grain is cut at the disk's grain boundaries.
+        assert_eq!(nonzero_runs(&b[100..], 100), vec![(8092, 16284)]);
+        assert_eq!(
+            nonzero_runs(&b[..10000], 4096 * 7),
+            vec![(0, 4096), (8192, 10000)]
+        );
+    }
     use crate::raw::RawDisk;
     use crate::{DiskInfo, Extent, Geometry, OpenOptions};
     use rand::{Rng, SeedableRng};
@@ -345,7 +416,9 @@ mod tests {
         assert!(calls.windows(2).all(|w| w[0].0 <= w[1].0), "{calls:?}");
         assert_eq!(*calls.last().unwrap(), (size, size));
 
-        let e = crate::convert(&*src, &dst, &opts, None).unwrap_err().to_string();
+        let e = crate::convert(&*src, &dst, &opts, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("already exists"), "{e}");
     }
 
@@ -398,7 +471,9 @@ mod tests {
             fixed: false,
             block_size: None,
         };
-        let e = crate::convert(&src, &dst, &opts, None).unwrap_err().to_string();
+        let e = crate::convert(&src, &dst, &opts, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("test read"), "{e}");
         assert!(!dst.exists(), "partial output left behind");
 
@@ -428,8 +503,106 @@ mod tests {
             fixed: false,
             block_size: None,
         };
-        let e = crate::convert(&src, &dst, &opts, None).unwrap_err().to_string();
-        assert!(e.contains("4096-byte logical sectors") && e.contains("vhdx"), "{e}");
+        let e = crate::convert(&src, &dst, &opts, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("4096-byte logical sectors") && e.contains("vhdx"),
+            "{e}"
+        );
         assert!(!dst.exists());
+    }
+}
+
+#[cfg(test)]
+mod sparse_tests {
+    use super::*;
+    use crate::disk::push_extent;
+    use crate::{DiskInfo, Extent, Geometry, OpenOptions};
+
+    /// A 1 TiB disk with three small data ranges: a conversion must walk it window by window,
+    /// read only the data and produce small outputs.
+    struct Sparse {
+        ranges: Vec<(u64, u64)>,
+    }
+
+    const SIZE: u64 = 1 << 40;
+
+    fn byte_at(off: u64) -> u8 {
+        ((off / 512) as u8) ^ 0xa5 ^ (off as u8)
+    }
+
+    impl VirtualDisk for Sparse {
+        fn geometry(&self) -> Geometry {
+            Geometry {
+                virtual_size: SIZE,
+                logical_sector_size: 512,
+                physical_sector_size: 4096,
+            }
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            crate::disk::check_range(offset, buf.len() as u64, SIZE)?;
+            for (i, b) in buf.iter_mut().enumerate() {
+                let o = offset + i as u64;
+                let inside = self.ranges.iter().any(|&(s, l)| o >= s && o < s + l);
+                *b = if inside { byte_at(o) } else { 0 };
+            }
+            Ok(())
+        }
+        fn map(&self, offset: u64, length: u64, _: MapScope) -> Result<Vec<Extent>> {
+            let end = (offset + length).min(SIZE);
+            let mut out = Vec::new();
+            let mut pos = offset;
+            for &(s, l) in &self.ranges {
+                let (s, e) = (s.max(pos), (s + l).min(end));
+                if s < e {
+                    push_extent(&mut out, pos, s - pos, ExtentState::Unallocated);
+                    push_extent(&mut out, s, e - s, ExtentState::Data);
+                    pos = e;
+                }
+            }
+            push_extent(&mut out, pos, end - pos, ExtentState::Unallocated);
+            Ok(out)
+        }
+        fn info(&self) -> DiskInfo {
+            unimplemented!("not used by convert")
+        }
+    }
+
+    #[test]
+    fn one_tib_sparse_disk_converts_by_windows() {
+        let src = Sparse {
+            ranges: vec![
+                (0, 1 << 20),
+                ((500 << 30) + 123 * 512, 3 << 20),
+                (SIZE - (64 << 10), 64 << 10),
+            ],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        for (name, format) in [("big.vhdx", DiskFormat::Vhdx), ("big.raw", DiskFormat::Raw)] {
+            let dst = dir.path().join(name);
+            let opts = ConvertOptions {
+                format,
+                fixed: false,
+                block_size: None,
+            };
+            let r = crate::convert(&src, &dst, &opts, None).unwrap();
+            assert_eq!(r.bytes_read, (1 << 20) + (3 << 20) + (64 << 10), "{name}");
+            let out = crate::open(&dst, &OpenOptions::default()).unwrap();
+            assert_eq!(out.geometry().virtual_size, SIZE);
+            for &(s, l) in &src.ranges {
+                // Each data range plus a sector of zeros around it.
+                let from = s.saturating_sub(512);
+                let to = (s + l + 512).min(SIZE);
+                let mut got = vec![0u8; (to - from) as usize];
+                out.read_at(&mut got, from).unwrap();
+                let mut want = vec![0u8; got.len()];
+                src.read_at(&mut want, from).unwrap();
+                assert!(got == want, "{name}: range at {s} differs");
+            }
+            use std::os::unix::fs::MetadataExt;
+            let used = std::fs::metadata(&dst).unwrap().blocks() * 512;
+            assert!(used < 256 << 20, "{name} uses {used} bytes on disk");
+        }
     }
 }

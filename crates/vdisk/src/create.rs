@@ -74,12 +74,18 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("raw image") && e.contains("cannot have a differencing child"), "{e}");
+        assert!(
+            e.contains("raw image") && e.contains("cannot have a differencing child"),
+            "{e}"
+        );
         assert!(!dir.path().join("c.raw").exists());
-        let e = crate::create(&dir.path().join("z"), &CreateOptions::new(DiskFormat::Raw, 1000))
-            .err()
-            .unwrap()
-            .to_string();
+        let e = crate::create(
+            &dir.path().join("z"),
+            &CreateOptions::new(DiskFormat::Raw, 1000),
+        )
+        .err()
+        .unwrap()
+        .to_string();
         assert!(e.contains("not a multiple"), "{e}");
     }
 }

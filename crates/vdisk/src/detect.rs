@@ -11,40 +11,34 @@ use std::path::Path;
 use crate::formats;
 use crate::{DiskFormat, Error, OpenOptions, ReadAt, Result, VirtualDisk, VirtualDiskMut};
 
-const VHDX_SIGNATURE: &[u8; 8] = b"vhdxfile";
-const VHD_COOKIE: &[u8; 8] = b"conectix";
-const VHD_FOOTER_SIZE: u64 = 512;
-
 pub(crate) fn detect(path: &Path) -> Result<DiskFormat> {
-    let file = File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
-    let size = file
-        .size()
-        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
-    if file
+    let file =
+        File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
+    let meta = file
         .metadata()
-        .map(|m| m.is_dir())
-        .unwrap_or(false)
-    {
+        .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?;
+    if meta.is_dir() {
         return Err(Error::InvalidArgument(format!(
             "{} is a directory, not a disk image",
             path.display()
         )));
     }
-    let read = |offset: u64| -> Result<[u8; 8]> {
-        let mut b = [0u8; 8];
+    let size = meta.len();
+    let read = |offset: u64, len: u64| -> Result<Vec<u8>> {
+        let mut b = vec![0u8; len as usize];
         file.read_exact_at(&mut b, offset)
             .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
         Ok(b)
     };
-    if size >= 8 && &read(0)? == VHDX_SIGNATURE {
+    // The signatures live in the first and last 512 bytes (VHD footer and its copy at 0).
+    let n = size.min(512);
+    let first = read(0, n)?;
+    let last = read(size - n, n)?;
+    if vdisk_vhdx::is_vhdx(&first) {
         return Ok(DiskFormat::Vhdx);
     }
-    if size >= VHD_FOOTER_SIZE {
-        // A footer at the end is what every VHD has; the copy at offset 0 is what a dynamic
-        // VHD whose tail was cut off still has (its check then reports the damage).
-        if &read(size - VHD_FOOTER_SIZE)? == VHD_COOKIE || &read(0)? == VHD_COOKIE {
-            return Ok(DiskFormat::Vhd);
-        }
+    if size >= 512 && vdisk_vhd::is_vhd(&first, &last) {
+        return Ok(DiskFormat::Vhd);
     }
     Ok(DiskFormat::Raw)
 }
@@ -66,6 +60,9 @@ pub(crate) fn open_mut(path: &Path, opts: &OpenOptions) -> Result<Box<dyn Virtua
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const VHDX_SIGNATURE: &[u8; 8] = b"vhdxfile";
+    const VHD_COOKIE: &[u8; 8] = b"conectix";
 
     #[test]
     fn detects_by_content_not_extension() {

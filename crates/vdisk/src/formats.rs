@@ -5,9 +5,6 @@ use std::path::Path;
 
 use vdisk_core::raw::RawDisk;
 
-// TEMPORARY until the format crates compile with their API.
-use crate::shim::vdisk_vhdx;
-
 use crate::{CreateOptions, DiskFormat, Error, OpenOptions, Result, VirtualDisk, VirtualDiskMut};
 
 pub(crate) fn open_ro(
@@ -62,7 +59,9 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Virtua
             path,
             &vdisk_vhdx::CreateOptions {
                 virtual_size: opts.virtual_size,
-                block_size: opts.block_size,
+                block_size: opts
+                    .block_size
+                    .unwrap_or(vdisk_vhdx::CreateOptions::default().block_size),
                 logical_sector_size: opts.logical_sector_size,
                 physical_sector_size: opts.physical_sector_size,
                 fixed: opts.fixed,

@@ -25,7 +25,6 @@ mod create;
 mod detect;
 mod formats;
 mod merge;
-mod shim;
 
 use std::path::{Path, PathBuf};
 
@@ -113,7 +112,8 @@ pub struct ConvertReport {
     pub virtual_size: u64,
     /// Guest bytes read from the source (allocated ranges only).
     pub bytes_read: u64,
-    /// Guest bytes written to the output (all-zero ranges are skipped in dynamic outputs).
+    /// Guest bytes written to the output. All-zero 4 KiB ranges are never written (a new disk
+    /// already reads as zeros), so dynamic outputs leave them unallocated and raw outputs sparse.
     pub bytes_written: u64,
 }
 

@@ -165,13 +165,18 @@ mod tests {
         let r = merge(&top, &OpenOptions::default()).unwrap();
         assert!(r.bytes_merged > 0);
         assert!(!top.exists());
-        assert_eq!(r.parent.canonicalize().unwrap(), mid.canonicalize().unwrap());
+        assert_eq!(
+            r.parent.canonicalize().unwrap(),
+            mid.canonicalize().unwrap()
+        );
         assert!(view(&mid) == chain_before, "{ext}: merged chain differs");
         assert!(view(&base) == base_before, "{ext}: the grandparent changed");
         let c = crate::check(&mid, &OpenOptions::default()).unwrap();
         assert!(c.problems.is_empty(), "{:?}", c.problems);
 
-        let e = merge(&base, &OpenOptions::default()).unwrap_err().to_string();
+        let e = merge(&base, &OpenOptions::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not a differencing disk"), "{e}");
     }
 

@@ -21,7 +21,8 @@ fn ro() -> OpenOptions {
 }
 
 fn open(path: &Path) -> Box<dyn VirtualDisk> {
-    vdisk::open(path, &ro()).unwrap_or_else(|e| panic!("vdisk::open({}) failed: {e}", path.display()))
+    vdisk::open(path, &ro())
+        .unwrap_or_else(|e| panic!("vdisk::open({}) failed: {e}", path.display()))
 }
 
 fn assert_check_clean(path: &Path) {
@@ -74,7 +75,16 @@ fn qemu_vhdx_case(fixed: bool, block_mib: u64, block_state_zero: bool) {
     );
     run(
         "qemu-img",
-        &["create", "-q", "-f", "vhdx", "-o", &opts, p(&img), &size.to_string()],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vhdx",
+            "-o",
+            &opts,
+            p(&img),
+            &size.to_string(),
+        ],
     );
     qemu_scribble("vhdx", &img, size, block);
     let raw = qemu_to_raw(&img, "vhdx", dir.path());
@@ -120,7 +130,12 @@ qemu_vhdx_tests! {
 fn vhd_current_size(img: &Path) -> u64 {
     let bytes = std::fs::read(img).unwrap();
     let footer = &bytes[bytes.len() - 512..];
-    assert_eq!(&footer[..8], b"conectix", "{} has no VHD footer", img.display());
+    assert_eq!(
+        &footer[..8],
+        b"conectix",
+        "{} has no VHD footer",
+        img.display()
+    );
     u64::from_be_bytes(footer[48..56].try_into().unwrap())
 }
 
@@ -135,13 +150,26 @@ fn qemu_vhd_case(fixed: bool, force_size: bool) {
     );
     run(
         "qemu-img",
-        &["create", "-q", "-f", "vpc", "-o", &opts, p(&img), &requested.to_string()],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vpc",
+            "-o",
+            &opts,
+            p(&img),
+            &requested.to_string(),
+        ],
     );
     // Without force_size qemu rounds the size to a CHS geometry; CurrentSize holds the result.
     let size = vhd_current_size(&img);
     qemu_scribble("vpc", &img, size, 2 * MIB);
     let disk = open(&img);
-    assert_eq!(disk.geometry().virtual_size, size, "hyperkeep must use CurrentSize");
+    assert_eq!(
+        disk.geometry().virtual_size,
+        size,
+        "hyperkeep must use CurrentSize"
+    );
     let info = disk.info();
     assert_eq!(info.format, DiskFormat::Vhd);
     let raw = qemu_to_raw(&img, "vpc", dir.path());
@@ -188,7 +216,11 @@ struct Written {
 
 fn write_disk(format: DiskFormat, fixed: bool, block: Option<u32>, sector: u32) -> Written {
     let dir = TempDir::new().unwrap();
-    let ext = if format == DiskFormat::Vhdx { "vhdx" } else { "vhd" };
+    let ext = if format == DiskFormat::Vhdx {
+        "vhdx"
+    } else {
+        "vhd"
+    };
     let path = dir.path().join(format!("hk.{ext}"));
     let size = 24 * MIB + 3 * u64::from(sector);
     let mut opts = CreateOptions::new(format, size);
@@ -197,7 +229,8 @@ fn write_disk(format: DiskFormat, fixed: bool, block: Option<u32>, sector: u32) 
     opts.logical_sector_size = sector;
     let mut model = Model::new(size, u64::from(sector), 42);
     {
-        let mut disk = vdisk::create(&path, &opts).unwrap_or_else(|e| panic!("create {opts:?}: {e}"));
+        let mut disk =
+            vdisk::create(&path, &opts).unwrap_or_else(|e| panic!("create {opts:?}: {e}"));
         let blk = u64::from(block.unwrap_or(2 << 20)).min(8 * MIB);
         model.scribble(&mut *disk, blk);
         // Zeroes over written data: partly a whole block, partly single sectors.
@@ -212,19 +245,41 @@ fn check_written(format: DiskFormat, fixed: bool, block: Option<u32>, sector: u3
     let w = write_disk(format, fixed, block, sector);
     let what = format!("hyperkeep {format} fixed={fixed} block={block:?} sector={sector}");
     let disk = open(&w.path);
-    assert_same(&format!("{what}: reopened"), &read_all(&*disk), &w.model.data);
-    assert_check_clean(&w.path);
-    let qemu_fmt = if format == DiskFormat::Vhdx { "vhdx" } else { "vpc" };
-    if format == DiskFormat::Vhdx {
-        qemu_check_clean(&w.path, "vhdx");
-    }
-    assert_eq!(
-        qemu_virtual_size(&w.path, qemu_fmt),
-        w.model.size(),
-        "{what}: qemu sees another virtual size"
+    assert_same(
+        &format!("{what}: reopened"),
+        &read_all(&*disk),
+        &w.model.data,
     );
-    let raw = qemu_to_raw(&w.path, qemu_fmt, w.dir.path());
-    assert_disk_equals_file(&format!("{what}: vs qemu-img"), &*disk, &raw, 0);
+    assert_check_clean(&w.path);
+    let qemu_fmt = if format == DiskFormat::Vhdx {
+        "vhdx"
+    } else {
+        "vpc"
+    };
+    if sector == 4096 {
+        // qemu's VHDX driver only takes 512-byte logical sectors: it refuses the file (the
+        // day it stops refusing, this fails and the full qemu comparison below should run).
+        let out = std::process::Command::new("qemu-img")
+            .args(["check", "-f", "vhdx", p(&w.path)])
+            .output()
+            .expect("qemu-img runs");
+        assert!(
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("Operation not supported"),
+            "{what}: qemu-img now opens 4 KiB-sector VHDX: compare with it too"
+        );
+    } else {
+        if format == DiskFormat::Vhdx {
+            qemu_check_clean(&w.path, "vhdx");
+        }
+        assert_eq!(
+            qemu_virtual_size(&w.path, qemu_fmt),
+            w.model.size(),
+            "{what}: qemu sees another virtual size"
+        );
+        let raw = qemu_to_raw(&w.path, qemu_fmt, w.dir.path());
+        assert_disk_equals_file(&format!("{what}: vs qemu-img"), &*disk, &raw, 0);
+    }
     let vhdi = vhdi_dump(&[&w.path], w.dir.path());
     assert_disk_equals_file(&format!("{what}: vs libvhdi"), &*disk, &vhdi, 0);
 }
@@ -279,7 +334,11 @@ struct Chain {
 
 fn build_chain(format: DiskFormat, depth: usize, sector: u32) -> Chain {
     let w = write_disk(format, false, Some(1 << 20), sector);
-    let ext = if format == DiskFormat::Vhdx { "avhdx" } else { "vhd" };
+    let ext = if format == DiskFormat::Vhdx {
+        "avhdx"
+    } else {
+        "vhd"
+    };
     let mut paths = vec![w.path.clone()];
     let mut model = w.model;
     let mut child_writes = Vec::new();
@@ -327,7 +386,11 @@ fn check_chain(format: DiskFormat, depth: usize, sector: u32) {
     let top = c.paths.last().unwrap();
     let disk = open(top);
     let what = format!("{format} chain of {depth}");
-    assert_same(&format!("{what}: hyperkeep view"), &read_all(&*disk), &c.model.data);
+    assert_same(
+        &format!("{what}: hyperkeep view"),
+        &read_all(&*disk),
+        &c.model.data,
+    );
     assert!(
         disk.map(0, c.model.size(), MapScope::View)
             .unwrap()
@@ -337,7 +400,14 @@ fn check_chain(format: DiskFormat, depth: usize, sector: u32) {
     );
     assert_check_clean(top);
     let chain: Vec<&Path> = c.paths.iter().rev().map(|p| p.as_path()).collect();
-    compare_chain_with_libvhdi(&what, format, &*disk, &chain, &c.child_writes, c._dir.path());
+    compare_chain_with_libvhdi(
+        &what,
+        format,
+        &*disk,
+        &chain,
+        &c.child_writes,
+        c._dir.path(),
+    );
     // The child is also readable with an explicit parent override.
     if depth == 2 {
         let opts = OpenOptions {
@@ -345,7 +415,11 @@ fn check_chain(format: DiskFormat, depth: usize, sector: u32) {
             ..OpenOptions::default()
         };
         let d = vdisk::open(top, &opts).unwrap();
-        assert_same(&format!("{what}: with parent_override"), &read_all(&*d), &c.model.data);
+        assert_same(
+            &format!("{what}: with parent_override"),
+            &read_all(&*d),
+            &c.model.data,
+        );
     }
 }
 
@@ -361,11 +435,15 @@ fn compare_chain_with_libvhdi(
 ) {
     let vhdi = vhdi_dump(chain, dir);
     let blind = if format == DiskFormat::Vhd {
-        libvhdi_vhd_blind_spots(&child_writes[..chain.len() - 1], disk.geometry().virtual_size)
+        libvhdi_vhd_blind_spots(
+            &child_writes[..chain.len() - 1],
+            disk.geometry().virtual_size,
+        )
     } else {
         Vec::new()
     };
-    let skipped = assert_disk_equals_file_except(&format!("{what}: vs libvhdi"), disk, &vhdi, &blind);
+    let skipped =
+        assert_disk_equals_file_except(&format!("{what}: vs libvhdi"), disk, &vhdi, &blind);
     if skipped > 0 {
         eprintln!("{what}: {skipped} bytes in partly present bitmap bytes not compared with libvhdi (its known VHD bug)");
     }
@@ -413,9 +491,16 @@ fn check_merge(format: DiskFormat, depth: usize) {
         let report = vdisk::merge(&child, &ro())
             .unwrap_or_else(|e| panic!("merge {}: {e}", child.display()));
         assert_eq!(report.parent, *paths.last().unwrap());
-        assert!(!child.exists(), "merge must delete the child {}", child.display());
+        assert!(
+            !child.exists(),
+            "merge must delete the child {}",
+            child.display()
+        );
         let top = paths.last().unwrap();
-        let what = format!("{format} chain of {depth} merged down to {} layers", paths.len());
+        let what = format!(
+            "{format} chain of {depth} merged down to {} layers",
+            paths.len()
+        );
         let disk = open(top);
         assert_same(&what, &read_all(&*disk), &c.model.data);
         assert_check_clean(top);
@@ -476,7 +561,10 @@ fn convert_round_trip() {
     let mut input = src.clone();
     for (name, format, fixed, block_size) in steps {
         let out = dir.path().join(name);
-        let what = format!("convert {} -> {name}", input.file_name().unwrap().to_string_lossy());
+        let what = format!(
+            "convert {} -> {name}",
+            input.file_name().unwrap().to_string_lossy()
+        );
         let report = {
             let from = open(&input);
             vdisk::convert(
@@ -500,7 +588,11 @@ fn convert_round_trip() {
             qemu_check_clean(&out, "vhdx");
         }
         if format != DiskFormat::Raw {
-            let qemu_fmt = if format == DiskFormat::Vhdx { "vhdx" } else { "vpc" };
+            let qemu_fmt = if format == DiskFormat::Vhdx {
+                "vhdx"
+            } else {
+                "vpc"
+            };
             let raw = qemu_to_raw(&out, qemu_fmt, dir.path());
             assert_disk_equals_file(&format!("{what} vs qemu-img"), &*disk, &raw, 0);
             let vhdi = vhdi_dump(&[&out], dir.path());
@@ -509,9 +601,7 @@ fn convert_round_trip() {
         if !fixed && format != DiskFormat::Raw {
             let block = u64::from(disk.info().block_size.expect("dynamic disks have blocks"));
             assert_sparse_like_content(&what, &*disk, &model.data, block);
-            if format == DiskFormat::Vhdx {
-                assert_qemu_map_sparse(&what, &out, &model.data, block);
-            }
+            assert_file_size_sparse(&what, &out, &model.data, block, format);
         }
         input = out;
     }
@@ -523,30 +613,29 @@ fn convert_round_trip() {
     );
 }
 
-/// Cross-check sparseness with qemu: `qemu-img map` must report data only in blocks whose
-/// content is non-zero.
-fn assert_qemu_map_sparse(what: &str, img: &Path, content: &[u8], block: u64) {
-    let json = run("qemu-img", &["map", "-f", "vhdx", "--output=json", p(img)]);
-    for line in json.lines().filter(|l| l.contains("\"data\": true")) {
-        let num = |key: &str| -> u64 {
-            let i = line.find(key).unwrap_or_else(|| panic!("no {key} in {line}")) + key.len();
-            line[i..]
-                .trim_start_matches([':', ' '])
-                .split(|c: char| !c.is_ascii_digit())
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap()
-        };
-        let (start, length) = (num("\"start\""), num("\"length\""));
-        let mut b = start / block * block;
-        while b < start + length {
-            let end = (b + block).min(content.len() as u64);
-            assert!(
-                !vdisk_core::io::is_zero(&content[b as usize..end as usize]),
-                "{what}: qemu-img map shows data in the all-zero block at {b}: {line}"
-            );
-            b += block;
-        }
-    }
+/// Sparseness, judged without our own map (qemu's VHDX driver reports no allocation status, so
+/// `qemu-img map` cannot tell): the output file holds at most its metadata plus one block per
+/// block of non-zero content.
+fn assert_file_size_sparse(what: &str, img: &Path, content: &[u8], block: u64, format: DiskFormat) {
+    let nonzero_blocks = content
+        .chunks(block as usize)
+        .filter(|b| !vdisk_core::io::is_zero(b))
+        .count() as u64;
+    let total_blocks = (content.len() as u64).div_ceil(block);
+    assert!(
+        nonzero_blocks + 3 < total_blocks,
+        "{what}: the test content must leave blocks empty to prove anything"
+    );
+    // VHDX: header section, log, BAT, metadata (1 MiB each, with slack). VHD: footer, header,
+    // BAT, and one sector bitmap per stored block.
+    let overhead = match format {
+        DiskFormat::Vhdx => 8 * MIB,
+        _ => MIB + nonzero_blocks * 512,
+    };
+    let len = std::fs::metadata(img).unwrap().len();
+    assert!(
+        len <= overhead + nonzero_blocks * block,
+        "{what}: {len} bytes for {nonzero_blocks} non-zero blocks of {block} bytes: zero or \
+         unallocated ranges were stored"
+    );
 }

@@ -3,6 +3,8 @@
 //! ```text
 //! encode_corpus encode IMAGE OUT   # a real image (<= 64 MiB) -> compact fuzz input
 //! encode_corpus decode INPUT OUT   # a fuzz input (e.g. a crash artifact) -> the file it describes
+//! encode_corpus own CORPUS_DIR     # write seeds made by hyperkeep's own writer (differencing
+//!                                  # layers with partly present blocks, 4 KiB sectors)
 //! ```
 //!
 //! `decode` is how a crash is inspected with other tools (`qemu-img info`, a hex dump).
@@ -11,6 +13,17 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    if let [_, m, dir] = args.as_slice() {
+        if m == "own" {
+            return match own_seeds(std::path::Path::new(dir)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("encode_corpus own: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    }
     let (mode, src, dst) = match args.as_slice() {
         [_, m, s, d] if m == "encode" || m == "decode" => (m.as_str(), s, d),
         _ => {
@@ -44,6 +57,93 @@ fn main() -> ExitCode {
         eprintln!("cannot write {dst}: {e}");
         return ExitCode::FAILURE;
     }
-    eprintln!("{src} ({} bytes) -> {dst} ({} bytes)", bytes.len(), out.len());
+    eprintln!(
+        "{src} ({} bytes) -> {dst} ({} bytes)",
+        bytes.len(),
+        out.len()
+    );
     ExitCode::SUCCESS
+}
+
+/// Seeds qemu cannot make: differencing layers (opened standalone by `open_backing`, so their
+/// bitmaps and parent locators are parsed), with single sectors written into blocks so the
+/// sector bitmaps are partly set, and a VHDX with 4 KiB logical sectors.
+fn own_seeds(corpus: &std::path::Path) -> Result<(), String> {
+    use vdisk::{CreateOptions, DiskFormat, VirtualDiskMut};
+
+    let work = std::env::temp_dir().join(format!("hk-own-seeds-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let size: u64 = 8 << 20;
+    let scribble = |d: &mut dyn VirtualDiskMut, sector: u64, salt: u8| -> Result<(), String> {
+        for (i, &(s, n)) in [
+            (1u64, 1u64),
+            (9, 3),
+            (2047, 2),
+            (4096, 1),
+            (size / sector - 1, 1),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let off = s * sector;
+            if off >= size {
+                continue;
+            }
+            let buf = vec![salt.wrapping_add(i as u8) | 1; (n * sector).min(size - off) as usize];
+            d.write_at(&buf, off).map_err(|e| e.to_string())?;
+        }
+        d.flush().map_err(|e| e.to_string())
+    };
+    let encode_to = |file: &std::path::Path, target: &str, name: &str| -> Result<(), String> {
+        let bytes = std::fs::read(file).map_err(|e| e.to_string())?;
+        let enc = hyperkeep_fuzz::encode(&bytes).ok_or("image too big")?;
+        let out = corpus.join(target).join(name);
+        std::fs::write(&out, &enc).map_err(|e| e.to_string())?;
+        eprintln!("  {target:12} {name:34} {:6} bytes", enc.len());
+        Ok(())
+    };
+
+    let mut failures = Vec::new();
+    for (format, ext, target, sector, block) in [
+        (DiskFormat::Vhdx, "vhdx", "vhdx_open", 512u32, 1u32 << 20),
+        (DiskFormat::Vhdx, "vhdx", "vhdx_open", 4096, 1 << 20),
+        (DiskFormat::Vhd, "vhd", "vhd_open", 512, 1 << 20),
+    ] {
+        let result = (|| -> Result<(), String> {
+            let base = work.join(format!("base-{sector}.{ext}"));
+            let child = work.join(format!("child-{sector}.{ext}"));
+            let mut opts = CreateOptions::new(format, size);
+            opts.block_size = Some(block);
+            opts.logical_sector_size = sector;
+            {
+                let mut d =
+                    vdisk::create(&base, &opts).map_err(|e| format!("create {ext}: {e}"))?;
+                scribble(&mut *d, u64::from(sector), 0x10)?;
+            }
+            {
+                let mut d = vdisk::create_child(&base, &child)
+                    .map_err(|e| format!("create_child {ext}: {e}"))?;
+                scribble(&mut *d, u64::from(sector), 0x80)?;
+                // Zeroes over the parent's data: recorded in the child, hiding the parent.
+                d.write_zeroes(u64::from(sector) * 9, u64::from(sector))
+                    .map_err(|e| e.to_string())?;
+                d.flush().map_err(|e| e.to_string())?;
+            }
+            encode_to(
+                &base,
+                target,
+                &format!("hyperkeep-dynamic-{sector}-written"),
+            )?;
+            encode_to(&child, target, &format!("hyperkeep-child-{sector}-partial"))
+        })();
+        if let Err(e) = result {
+            failures.push(format!("{ext} ({sector}-byte sectors): {e}"));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
 }

@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: make-sample-disk OUT [--size SIZE]   (SIZE in MiB with M, or G; default 64M)";
+const USAGE: &str =
+    "usage: make-sample-disk OUT [--size SIZE]   (SIZE in MiB with M, or G; default 64M)";
 
 fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();

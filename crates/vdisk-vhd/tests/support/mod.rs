@@ -67,7 +67,9 @@ pub fn qemu_size(path: &Path) -> u64 {
         "qemu-img info",
     );
     let s = String::from_utf8_lossy(&out.stdout);
-    let i = s.rfind("\"virtual-size\":").expect("virtual-size in qemu-img info");
+    let i = s
+        .rfind("\"virtual-size\":")
+        .expect("virtual-size in qemu-img info");
     s[i + 15..]
         .trim_start()
         .chars()

@@ -83,7 +83,10 @@ pub fn assert_disk_equals_model(disk: &dyn VirtualDisk, model: &Model, what: &st
         |b, o| disk.read_at(b, o).unwrap(),
         |b, o| model.read(b, o),
     );
-    assert_eq!(d, None, "{what}: hyperkeep's read differs from the model at this offset");
+    assert_eq!(
+        d, None,
+        "{what}: hyperkeep's read differs from the model at this offset"
+    );
 }
 
 /// Assert a raw file (from qemu-img or libvhdi) equals the model.
@@ -114,7 +117,9 @@ fn run(cmd: &mut Command, what: &str) -> String {
 /// `qemu-img check` must find nothing wrong.
 pub fn qemu_check(path: &Path) {
     let out = run(
-        Command::new("qemu-img").args(["check", "-f", "vhdx"]).arg(path),
+        Command::new("qemu-img")
+            .args(["check", "-f", "vhdx"])
+            .arg(path),
         "qemu-img check",
     );
     assert!(out.contains("No errors"), "qemu-img check: {out}");

@@ -19,12 +19,15 @@ pub const MIB: u64 = 1 << 20;
 
 /// Run a command; panic with its output if it cannot start or fails.
 pub fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program).args(args).output().unwrap_or_else(|e| {
-        panic!(
-            "cannot run {program}: {e}. The interop tests need qemu-utils and python3 with \
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {program}: {e}. The interop tests need qemu-utils and python3 with \
              pyvhdi (libvhdi-python); run scripts/test.sh, which installs them"
-        )
-    });
+            )
+        });
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -244,7 +247,8 @@ pub fn assert_sparse_like_content(what: &str, disk: &dyn VirtualDisk, content: &
         let map = disk.map(off, len, MapScope::View).unwrap();
         let has_data = map.iter().any(|e| e.state == ExtentState::Data);
         assert_eq!(
-            has_data, nonzero,
+            has_data,
+            nonzero,
             "{what}: block at {off} holds {} but the map says {map:?}",
             if nonzero { "data" } else { "only zeros" }
         );
