@@ -32,7 +32,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Virtual disks: info, convert, check, create, create-child, merge.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = EXIT_CODES)]
     Disk(DiskCommand),
 }
 
@@ -68,6 +68,7 @@ pub enum DiskCommand {
     /// Check a disk's structure and its parent chain (exit 1 if problems are found).
     #[command(after_help = EXIT_CODES)]
     Check {
+        /// The disk file; a differencing disk's parents are checked too.
         file: PathBuf,
         #[command(flatten)]
         open: OpenArgs,
@@ -75,6 +76,7 @@ pub enum DiskCommand {
     /// Create a new, empty disk.
     #[command(after_help = EXIT_CODES)]
     Create {
+        /// New file to write (never overwritten).
         file: PathBuf,
         /// Virtual size, e.g. 10G.
         #[arg(long, value_parser = crate::size::parse_size)]
@@ -97,10 +99,16 @@ pub enum DiskCommand {
     },
     /// Create a differencing child (same format as the parent) that records changes on top of it.
     #[command(after_help = EXIT_CODES)]
-    CreateChild { parent: PathBuf, child: PathBuf },
+    CreateChild {
+        /// The existing disk (vhdx or vhd) the child records changes against.
+        parent: PathBuf,
+        /// New file to write; Hyper-V names them .avhdx/.avhd.
+        child: PathBuf,
+    },
     /// Merge a differencing child into its parent, then delete the child.
     #[command(after_help = EXIT_CODES)]
     Merge {
+        /// The differencing disk to merge into its immediate parent.
         child: PathBuf,
         #[command(flatten)]
         open: OpenArgs,

@@ -5,7 +5,9 @@ use std::time::Instant;
 use vdisk_core::{ExtentState, MapScope, OpenOptions, VirtualDisk};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let path = std::env::args().nth(1).ok_or("usage: vhdx_read_speed FILE")?;
+    let path = std::env::args()
+        .nth(1)
+        .ok_or("usage: vhdx_read_speed FILE")?;
     let disk = vdisk_vhdx::Vhdx::open(path.as_ref(), &OpenOptions::default())?;
     let vs = disk.geometry().virtual_size;
     let mut buf = vec![0u8; 8 << 20];

@@ -49,10 +49,9 @@ pub(crate) fn open_layer_ro(path: &Path) -> Result<VhdxFile> {
     VhdxFile::parse(Arc::new(f), Some(path), None)
 }
 
-/// Open one layer for writing. The file is first validated read-only, so that a damaged or
-/// hostile file is refused before the writer touches its headers.
+/// Open one layer for writing. The caller validates the file (and its chain) read-only first,
+/// so that a damaged or hostile file is refused before the writer touches its headers.
 fn open_layer_rw(path: &Path) -> Result<VhdxFile> {
-    drop(open_layer_ro(path)?);
     let file = open_file(path, true)?;
     let raw = file
         .try_clone()
@@ -74,12 +73,18 @@ impl Vhdx {
     /// `opts.writable` the top layer is opened for writing (a pending log is then replayed on
     /// disk; read-only opens replay it in memory and never modify the file).
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Vhdx> {
-        let top = if opts.writable {
-            open_layer_rw(path)?
-        } else {
-            open_layer_ro(path)?
-        };
-        Vhdx::with_parents(top, path, opts)
+        let ro = Vhdx::with_parents(open_layer_ro(path)?, path, opts)?;
+        if !opts.writable {
+            return Ok(ro);
+        }
+        // Everything (the file and its whole chain) checked read-only: only now may the
+        // writer renew headers or replay the log.
+        let Vhdx { top, parent } = ro;
+        drop(top);
+        Ok(Vhdx {
+            top: open_layer_rw(path)?,
+            parent,
+        })
     }
 
     /// Parse a single layer from any bytes (fuzzers, hostile-input tests). No parent is

@@ -17,12 +17,39 @@ const MAX_OVERLAPS_LISTED: usize = 20;
 /// Check `path` (and its parent chain) without modifying it. Returns every structural problem
 /// found (empty = clean). `Err` only if the file cannot be opened or read at all.
 pub fn check(path: &Path) -> Result<Vec<String>> {
+    let (mut problems, chain_ok) = check_layer(path)?;
+    if !chain_ok {
+        return Ok(problems);
+    }
+    match crate::Vhdx::open(path, &OpenOptions::default()) {
+        Err(e) => problems.push(format!("parent chain: {e}")),
+        Ok(disk) => {
+            // Each parent is checked as a file of its own too.
+            let mut layer = disk.parent.as_deref();
+            while let Some(p) = layer {
+                if let Some(pp) = &p.top.path {
+                    let (ps, _) = check_layer(pp)?;
+                    problems.extend(
+                        ps.into_iter()
+                            .map(|x| format!("parent {}: {x}", pp.display())),
+                    );
+                }
+                layer = p.parent.as_deref();
+            }
+        }
+    }
+    Ok(problems)
+}
+
+/// The problems of one file, and whether its parent chain is worth opening (it is a
+/// differencing disk whose own BAT is sound).
+fn check_layer(path: &Path) -> Result<(Vec<String>, bool)> {
     let file =
         File::open(path).map_err(|e| Error::io(format!("cannot open {}", path.display()), e))?;
     let f = match VhdxFile::parse_lenient(Arc::new(file), Some(path)) {
         Ok(f) => f,
         Err(e @ Error::Io { .. }) => return Err(e),
-        Err(e) => return Ok(vec![e.to_string()]),
+        Err(e) => return Ok((vec![e.to_string()], false)),
     };
     let mut problems = f.problems.clone();
     let (bat_problems, total) = f.validate_bat();
@@ -48,13 +75,7 @@ pub fn check(path: &Path) -> Result<Vec<String>> {
             ));
         }
     }
-    if f.has_parent() && problems.is_empty() {
-        drop(f);
-        if let Err(e) = crate::Vhdx::open(path, &OpenOptions::default()) {
-            problems.push(format!("parent chain: {e}"));
-        }
-    }
-    Ok(problems)
+    Ok((problems, f.has_parent() && total == 0))
 }
 
 /// Present blocks that share file space with each other.

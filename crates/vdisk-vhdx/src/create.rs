@@ -1,5 +1,8 @@
 //! Creating VHDX files: dynamic, fixed, and differencing children.
 //!
+//! Ours because no Rust crate creates VHDX files (the `vhdx` crates only read, and none makes
+//! differencing disks), and qemu-img cannot make differencing VHDX at all.
+//!
 //! The layout follows what Hyper-V writes, so that every consumer (Hyper-V, qemu, libvhdi) sees a
 //! familiar file: a 1 MiB header section (file identifier, two headers, two region tables), the
 //! 1 MiB log at 1 MiB, the 1 MiB metadata region at 2 MiB, the BAT region (1 MiB aligned) at

@@ -1,5 +1,8 @@
 //! Writing into VHDX files, following MS-VHDX's write rules.
 //!
+//! Ours because no Rust crate writes VHDX, and qemu (the one other open writer) cannot write
+//! differencing disks.
+//!
 //! - Headers first: the first modification of a session updates both header slots (new
 //!   FileWriteGuid and DataWriteGuid), flushed, before anything else changes.
 //! - Payload never goes through the log; metadata (BAT and sector-bitmap pages) always does.

@@ -493,3 +493,58 @@ fn loops_depth_and_sector_size() {
     let msg = err_of(open(&d.join("l1.avhdx")));
     assert_words(&msg, &["4096-byte", "512-byte", "sector"]);
 }
+
+/// A PARTIALLY_PRESENT block whose chunk has no sector bitmap holds no sector: all of it comes
+/// from the parent.
+#[test]
+fn partial_block_without_bitmap_reads_the_parent() {
+    let dir = TempDir::new().unwrap();
+    let d = dir.path();
+    let base = d.join("base.vhdx");
+    let base_raw = make_base(&base, 0x41);
+    let child = d.join("child.avhdx");
+    make_child(
+        &child,
+        &read_file(&base),
+        &[("relative_path", "base.vhdx")],
+        &[format!("write -P 0x77 {} {}", 3 * BS, BS)],
+    );
+    let mut b = read_file(&child);
+    let e3 = bat_entry(&b, 3);
+    set_bat_entry(&mut b, 3, e3 & !7 | 7);
+    set_bat_entry(&mut b, RATIO, 0);
+    write_file(&child, &b);
+    let disk = open(&child).unwrap();
+    assert!(read_all(&disk) == base_raw);
+    let layer = disk.map(0, VS, MapScope::Layer).unwrap();
+    assert_eq!(layer.len(), 1);
+    assert_eq!(layer[0].state, ExtentState::Inherited);
+    assert_eq!(disk.info().allocated_bytes, 0);
+}
+
+/// `check` looks at every file of the chain and never modifies any.
+#[test]
+fn check_reports_problems_of_parents() {
+    let dir = TempDir::new().unwrap();
+    let d = dir.path();
+    let base = d.join("base.vhdx");
+    make_base(&base, 0x41);
+    let child = d.join("child.avhdx");
+    make_child(
+        &child,
+        &read_file(&base),
+        &[("relative_path", "base.vhdx")],
+        &[],
+    );
+    assert_eq!(vdisk_vhdx::check(&child).unwrap(), Vec::<String>::new());
+    let mut b = read_file(&base);
+    b[64 * 1024 + 300] ^= 1; // header 1 checksum
+    write_file(&base, &b);
+    let (before_c, before_b) = (read_file(&child), read_file(&base));
+    let problems = vdisk_vhdx::check(&child).unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains("parent") && problems[0].contains("base.vhdx"));
+    assert!(problems[0].contains("header 1"));
+    assert!(read_file(&child) == before_c && read_file(&base) == before_b);
+    assert!(vdisk_vhdx::check(&d.join("missing.vhdx")).is_err());
+}

@@ -178,3 +178,37 @@ fn open_backing_and_is_vhdx() {
     assert_same_as_raw(&disk, &raw);
     assert!(vdisk_vhdx::check(&path).unwrap().is_empty());
 }
+
+/// One open disk serves many reader threads at once (reads take `&self`).
+#[test]
+fn parallel_readers() {
+    use rand::{Rng, SeedableRng};
+    use std::os::unix::fs::FileExt;
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("p.vhdx");
+    let raw = dir.path().join("p.raw");
+    let vs = 40 * MIB;
+    qemu_create(&path, vs, "block_size=1M");
+    qemu_io(&path, &pattern(MIB, vs).0);
+    qemu_io(&path, &["write -P 0x99 7340544 9437184".to_string()]);
+    qemu_to_raw(&path, &raw);
+    let disk = Vhdx::open(&path, &OpenOptions::default()).unwrap();
+    let rawf = std::fs::File::open(&raw).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let (disk, rawf) = (&disk, &rawf);
+            s.spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(t);
+                for _ in 0..200 {
+                    let len = rng.gen_range(1..3 * MIB as usize);
+                    let off = rng.gen_range(0..vs - len as u64);
+                    let mut a = vec![0u8; len];
+                    let mut b = vec![0u8; len];
+                    disk.read_at(&mut a, off).unwrap();
+                    rawf.read_exact_at(&mut b, off).unwrap();
+                    assert!(a == b, "thread {t}: {len} bytes at {off}");
+                }
+            });
+        }
+    });
+}

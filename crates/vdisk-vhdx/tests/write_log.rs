@@ -253,3 +253,61 @@ fn damaged_logs_give_clear_errors() {
     assert!(r.is_err());
     assert!(std::fs::read(&p).unwrap() == before);
 }
+
+#[test]
+fn pending_log_of_a_differencing_disk_carries_its_sector_bitmaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    let model = Model::new(dir.path(), "chain", SIZE);
+    let mut d = Vhdx::create(
+        &base,
+        &CreateOptions {
+            virtual_size: SIZE,
+            block_size: 1 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let a = pattern(6 * MIB as usize, 4);
+    d.write_at(&a, 0).unwrap();
+    model.write(&a, 0);
+    d.flush().unwrap();
+    drop(d);
+    let child = dir.path().join("child.avhdx");
+    let mut c = Vhdx::create_child(&base, &child).unwrap();
+    c.write_at(&[7u8; 512], 512 * 3).unwrap();
+    model.write(&[7u8; 512], 512 * 3);
+    c.flush().unwrap();
+    c.set_crash_after_log_write(true).unwrap();
+    // Single sectors in blocks the child did not have yet: new PARTIALLY_PRESENT blocks and
+    // bitmap bits that exist only in the log.
+    for i in 0..40u64 {
+        let off = (i * 7 + 1) * 512 * 97;
+        let s = pattern(512, i + 100);
+        c.write_at(&s, off).unwrap();
+        model.write(&s, off);
+    }
+    assert!(c.flush().is_err());
+    drop(c);
+    assert!(!current_header(&child).0.is_zero());
+    let before = std::fs::read(&child).unwrap();
+    let ro = Vhdx::open(&child, &OpenOptions::default()).unwrap();
+    support::assert_disk_equals_model(&ro, &model, "pending differencing log, read-only");
+    drop(ro);
+    assert!(std::fs::read(&child).unwrap() == before);
+    let rw = Vhdx::open(
+        &child,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    support::assert_disk_equals_model(&rw, &model, "differencing log replayed on disk");
+    drop(rw);
+    assert!(current_header(&child).0.is_zero());
+    // After replay libvhdi (which ignores logs) agrees too.
+    let raw = dir.path().join("chain.vhdi");
+    support::vhdi_raw(&[&child, &base], &raw);
+    support::assert_file_equals_model(&raw, &model, "libvhdi after replay");
+}

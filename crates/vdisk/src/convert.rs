@@ -1,8 +1,8 @@
 //! Converting any disk into a new file of any format.
 //!
-//! The copy is a pipeline, because reading (decompressing nothing, but walking BATs and waiting
-//! for the disk) and writing (allocating blocks, updating the BAT) each take about as long as the
-//! other, and doing them in turn would add the two:
+//! The copy is a pipeline, because reading (waiting for the disk, walking BATs) and writing
+//! (allocating blocks, updating the BAT, waiting for the disk again) each take about as long as
+//! the other, and doing them in turn would add the two:
 //!
 //! ```text
 //! planner ──jobs──► reader × READERS ──(one slot per piece)──► writer (this thread, in order)

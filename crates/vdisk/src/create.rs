@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::{detect, formats, CreateOptions, Error, Result, VirtualDiskMut};
+use crate::{detect, formats, CreateOptions, DiskFormat, Error, Result, VirtualDiskMut};
 
 /// Never overwrite: a disk image is somebody's data, and a typo in a path must not destroy it.
 pub(crate) fn refuse_existing(path: &Path) -> Result<()> {
@@ -33,7 +33,10 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Virtua
             )));
         }
     }
-    if opts.virtual_size % u64::from(opts.logical_sector_size) != 0 {
+    // A raw image is just bytes: any size is a valid raw image (and converting one must work).
+    if opts.format != DiskFormat::Raw
+        && opts.virtual_size % u64::from(opts.logical_sector_size) != 0
+    {
         return Err(Error::InvalidArgument(format!(
             "virtual size {} is not a multiple of the {}-byte logical sector size",
             opts.virtual_size, opts.logical_sector_size
@@ -56,7 +59,7 @@ pub(crate) fn create_child(parent: &Path, child: &Path) -> Result<Box<dyn Virtua
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DiskFormat, VirtualDisk};
+    use crate::VirtualDisk;
 
     #[test]
     fn raw_create_refuses_overwrite_and_raw_has_no_children() {
@@ -81,11 +84,18 @@ mod tests {
         assert!(!dir.path().join("c.raw").exists());
         let e = crate::create(
             &dir.path().join("z"),
-            &CreateOptions::new(DiskFormat::Raw, 1000),
+            &CreateOptions::new(DiskFormat::Vhd, 1000),
         )
         .err()
         .unwrap()
         .to_string();
         assert!(e.contains("not a multiple"), "{e}");
+        assert!(!dir.path().join("z").exists());
+        // Any size is a raw image.
+        let odd = crate::create(
+            &dir.path().join("odd"),
+            &CreateOptions::new(DiskFormat::Raw, 1000),
+        );
+        assert_eq!(odd.unwrap().geometry().virtual_size, 1000);
     }
 }
