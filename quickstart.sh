@@ -3,7 +3,7 @@
 # virtual-disk layer: convert raw -> VHDX -> VHD -> raw, inspect and check every file, create a
 # differencing child (what a Hyper-V checkpoint is), and prove the round trip lost nothing.
 #
-# Needs: a Rust toolchain (cargo >= 1.80). No root. Everything goes to ./quickstart-out/.
+# Needs: a Rust toolchain (cargo >= 1.87). No root. Everything goes to ./quickstart-out/.
 # Runs in well under a minute after the build.
 set -euo pipefail
 
@@ -24,7 +24,7 @@ run() {
 }
 
 command -v cargo >/dev/null || {
-    echo "quickstart.sh: cargo not found. Install Rust (>= 1.80, e.g. from https://rustup.rs) and run again." >&2
+    echo "quickstart.sh: cargo not found. Install Rust (>= 1.87, e.g. from https://rustup.rs) and run again." >&2
     exit 1
 }
 

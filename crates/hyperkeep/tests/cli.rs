@@ -356,7 +356,15 @@ fn moved_parent_is_named_with_parent_for_info_convert_and_merge() {
     let d = dir.path();
     let base = d.join("base.vhdx");
     let child = d.join("child.avhdx");
-    ok(&["disk", "create", s(&base), "--size", "8M", "--block-size", "1M"]);
+    ok(&[
+        "disk",
+        "create",
+        s(&base),
+        "--size",
+        "8M",
+        "--block-size",
+        "1M",
+    ]);
     write_pattern(&base, 0, 1 << 20, 0x31);
     ok(&["disk", "create-child", s(&base), s(&child)]);
     write_pattern(&child, 4096, 4096, 0x32);
@@ -367,18 +375,36 @@ fn moved_parent_is_named_with_parent_for_info_convert_and_merge() {
     let r = hk(&["disk", "info", s(&child)]);
     assert_eq!(r.status.code(), Some(2));
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(err.starts_with("error: ") && err.contains("--parent"), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("--parent"),
+        "{err}"
+    );
     assert_eq!(hk(&["disk", "check", s(&child)]).status.code(), Some(1));
 
     let info = json(&["disk", "info", s(&child), "--parent", s(&moved)]);
     assert!(same_file(&info["parent"]["path"], &moved), "{info}");
     let flat = d.join("flat.raw");
-    ok(&["disk", "convert", s(&child), s(&flat), "--parent", s(&moved)]);
+    ok(&[
+        "disk",
+        "convert",
+        s(&child),
+        s(&flat),
+        "--parent",
+        s(&moved),
+    ]);
     assert_eq!(std::fs::read(&flat).unwrap(), view);
 
     // A different file with the right size is refused: the linkage does not match.
     let other = d.join("other.vhdx");
-    ok(&["disk", "create", s(&other), "--size", "8M", "--block-size", "1M"]);
+    ok(&[
+        "disk",
+        "create",
+        s(&other),
+        "--size",
+        "8M",
+        "--block-size",
+        "1M",
+    ]);
     let r = hk(&["disk", "info", s(&child), "--parent", s(&other)]);
     assert_eq!(r.status.code(), Some(2), "{r:?}");
 

@@ -87,7 +87,7 @@ pub fn write_sample_disk(path: &Path, size: u64) -> Result<SampleManifest> {
             MIN_SIZE >> 20
         );
     }
-    if size % (1 << 20) != 0 {
+    if !size.is_multiple_of(1 << 20) {
         bail!("the sample disk size must be a whole number of MiB, got {size} bytes");
     }
     if size > (2u64 << 40) {

@@ -147,7 +147,7 @@ fn check_structure(file: &File, size: u64, p: &mut Problems) -> std::io::Result<
     let ho = footer.data_offset;
     if ho
         .checked_add(DYN_HEADER_SIZE as u64)
-        .map_or(true, |e| e > size)
+        .is_none_or(|e| e > size)
     {
         p.push(format!(
             "dynamic disk header offset {ho} lies outside the file ({size} bytes)"
@@ -170,7 +170,7 @@ fn check_structure(file: &File, size: u64, p: &mut Problems) -> std::io::Result<
         ));
     }
     let bs = h.block_size as u64;
-    if bs == 0 || bs % SECTOR != 0 || bs > MAX_BLOCK_SIZE as u64 {
+    if bs == 0 || !bs.is_multiple_of(SECTOR) || bs > MAX_BLOCK_SIZE as u64 {
         p.push(format!(
             "block size {bs} is not a multiple of 512 between 512 bytes and 256 MiB"
         ));

@@ -382,7 +382,7 @@ impl Vhd {
         let header_offset = f.data_offset;
         if header_offset
             .checked_add(DYN_HEADER_SIZE as u64)
-            .map_or(true, |e| e > file_size)
+            .is_none_or(|e| e > file_size)
         {
             return Err(Error::corrupt(
                 FORMAT,
@@ -430,7 +430,7 @@ impl Vhd {
         let table_end = header
             .table_offset
             .checked_add(header.max_table_entries as u64 * 4);
-        if header.table_offset < SECTOR || table_end.map_or(true, |e| e > data_end) {
+        if header.table_offset < SECTOR || table_end.is_none_or(|e| e > data_end) {
             return Err(Error::corrupt(
                 FORMAT,
                 format!(
@@ -724,7 +724,7 @@ impl Vhd {
             if in_off != a_off {
                 self.read_at(&mut v[..SECTOR as usize], vblock + a_off)?;
             }
-            let tail = (in_off + data.len() as u64) % SECTOR != 0;
+            let tail = !(in_off + data.len() as u64).is_multiple_of(SECTOR);
             if tail && (a_len > SECTOR || in_off == a_off) {
                 let at = (a_len - SECTOR) as usize;
                 self.read_at(&mut v[at..], vblock + a_off + at as u64)?;
@@ -824,7 +824,7 @@ impl Vhd {
     /// Create a new, empty VHD (truncating any existing file) and open it for writing.
     pub fn create(path: &Path, opts: &CreateOptions) -> Result<Vhd> {
         let size = opts.virtual_size;
-        if size == 0 || size % SECTOR != 0 || size > MAX_VIRTUAL_SIZE {
+        if size == 0 || !size.is_multiple_of(SECTOR) || size > MAX_VIRTUAL_SIZE {
             return Err(Error::InvalidArgument(format!(
                 "VHD size {size} must be a non-zero multiple of 512 bytes, at most 2040 GiB"
             )));

@@ -381,7 +381,7 @@ pub fn utf16be(s: &str) -> Vec<u8> {
 /// entries are seen both as UTF-16LE and as 8-bit text, so those are sniffed: 8-bit text has no
 /// NUL bytes in its odd positions' partners the way UTF-16 ASCII paths do.
 pub fn decode_locator(code: [u8; 4], data: &[u8]) -> String {
-    let looks_utf16 = data.len() >= 2 && data.len() % 2 == 0 && data[1] == 0;
+    let looks_utf16 = data.len() >= 2 && data.len().is_multiple_of(2) && data[1] == 0;
     if code == PLATFORM_W2RU || code == PLATFORM_W2KU || looks_utf16 {
         let units: Vec<u16> = data
             .chunks_exact(2)

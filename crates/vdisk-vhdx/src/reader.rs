@@ -87,6 +87,18 @@ pub(crate) struct Writable {
     pub(crate) replayed: bool,
 }
 
+/// Attach the file name to an error raised while parsing it (I/O errors included).
+fn name_file(e: Error, path: Option<&Path>) -> Error {
+    match (e, path) {
+        (Error::Io { context, source }, Some(p)) => Error::Io {
+            context: format!("{}: {context}", p.display()),
+            source,
+        },
+        (e, Some(p)) => e.with_path(p),
+        (e, None) => e,
+    }
+}
+
 /// Most problems `validate_bat` lists before it stops counting in detail.
 const MAX_LISTED_PROBLEMS: usize = 50;
 
@@ -99,20 +111,14 @@ impl VhdxFile {
         writable: Option<Writable>,
     ) -> Result<VhdxFile> {
         let r = Self::parse_inner(raw, path, writable, true);
-        match path {
-            Some(p) => r.map_err(|e| e.with_path(p)),
-            None => r,
-        }
+        r.map_err(|e| name_file(e, path))
     }
 
     /// Like [`VhdxFile::parse`] (read-only) but BAT problems do not fail the open: `check`
     /// lists them all with [`VhdxFile::validate_bat`]. Never use the result for reading.
     pub(crate) fn parse_lenient(raw: Arc<dyn ReadAt>, path: Option<&Path>) -> Result<VhdxFile> {
         let r = Self::parse_inner(raw, path, None, false);
-        match path {
-            Some(p) => r.map_err(|e| e.with_path(p)),
-            None => r,
-        }
+        r.map_err(|e| name_file(e, path))
     }
 
     fn parse_inner(

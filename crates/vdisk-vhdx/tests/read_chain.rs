@@ -548,3 +548,53 @@ fn check_reports_problems_of_parents() {
     assert!(read_file(&child) == before_c && read_file(&base) == before_b);
     assert!(vdisk_vhdx::check(&d.join("missing.vhdx")).is_err());
 }
+
+/// The view shows the topmost defining layer: a parent's ZERO blocks map as Zero, blocks no
+/// layer holds as Unallocated.
+#[test]
+fn view_map_through_parent_states() {
+    let dir = TempDir::new().unwrap();
+    let d = dir.path();
+    let base = d.join("base.vhdx");
+    qemu_create(&base, VS, "block_size=1M,block_state_zero=on");
+    qemu_io(&base, &["write -P 0x41 0 1048576".into()]);
+    let mut b = read_file(&base);
+    assert_eq!(bat_entry(&b, 5) & 7, 2, "qemu marks unwritten blocks ZERO");
+    for i in 8..16 {
+        set_bat_entry(&mut b, i, 0);
+    }
+    write_file(&base, &b);
+    let child = d.join("child.avhdx");
+    make_child(
+        &child,
+        &b,
+        &[("relative_path", "base.vhdx")],
+        &[format!("write -P 0x61 {} 512", 10 * BS)],
+    );
+    let disk = open(&child).unwrap();
+    let view: Vec<(u64, u64, ExtentState)> = disk
+        .map(0, VS, MapScope::View)
+        .unwrap()
+        .iter()
+        .map(|e| (e.offset / BS, e.length, e.state))
+        .collect();
+    assert_eq!(
+        view,
+        vec![
+            (0, BS, ExtentState::Data),
+            (1, 7 * BS, ExtentState::Zero),
+            (8, 2 * BS, ExtentState::Unallocated),
+            (10, BS, ExtentState::Data),
+            (11, 5 * BS, ExtentState::Unallocated),
+        ]
+    );
+    let layer = disk.map(0, VS, MapScope::Layer).unwrap();
+    assert_eq!(layer.len(), 3);
+    assert_eq!(layer[1].state, ExtentState::Data);
+    let all = read_all(&disk);
+    assert!(all[..BS as usize].iter().all(|&x| x == 0x41));
+    assert!(all[10 * BS as usize..10 * BS as usize + 512]
+        .iter()
+        .all(|&x| x == 0x61));
+    assert!(all[10 * BS as usize + 512..].iter().all(|&x| x == 0));
+}

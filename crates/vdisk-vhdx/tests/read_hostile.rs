@@ -377,21 +377,40 @@ fn truncated_files() {
 #[test]
 fn random_damage_never_panics() {
     let dir = TempDir::new().unwrap();
-    let (_, good) = base(dir.path());
-    let (meta, _) = region(&good, METADATA_GUID);
-    let (bat, _) = region(&good, BAT_GUID);
+    let (_, plain) = base(dir.path());
+    // The same file as a differencing disk with a partially present block, so locator and
+    // sector bitmap parsing get damaged too.
+    let mut diff = plain.clone();
+    make_differencing(
+        &mut diff,
+        &[
+            ("parent_linkage", "{11111111-2222-3333-4444-555555555555}"),
+            ("relative_path", r".\nowhere.vhdx"),
+        ],
+    );
+    let bm = (diff.len() as u64).div_ceil(MIB) * MIB;
+    diff.resize((bm + MIB) as usize, 0xa5);
+    set_bat_entry(&mut diff, 4096, bm | 6);
+    let e0 = bat_entry(&diff, 0);
+    set_bat_entry(&mut diff, 0, e0 & !7 | 7);
+    Vhdx::open_backing(Arc::new(diff.clone())).expect("the undamaged differencing file opens");
+    let (meta, _) = region(&plain, METADATA_GUID);
+    let (bat, _) = region(&plain, BAT_GUID);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let targets = [
         (0usize, 64usize),
         (RT1, 64),
         (meta as usize, 256),
         (meta as usize + 64 * 1024, 64),
+        (meta as usize + 512 * 1024, 160),
         (bat as usize, 128),
+        (bat as usize + 8 * 4096, 8),
     ];
     let mut opened = 0;
-    for round in 0..400 {
+    for round in 0..800 {
+        let good = if round % 2 == 0 { &plain } else { &diff };
         let mut b = good.clone();
-        let (start, span) = targets[round % targets.len()];
+        let (start, span) = targets[(round / 2) % targets.len()];
         for _ in 0..rng.gen_range(1..6) {
             let i = start + rng.gen_range(0..span);
             b[i] = rng.gen();

@@ -101,7 +101,7 @@ pub(crate) fn convert(
         )));
     }
     let sector = u64::from(geo.logical_sector_size.max(1));
-    if opts.format != DiskFormat::Raw && geo.virtual_size % sector != 0 {
+    if opts.format != DiskFormat::Raw && !geo.virtual_size.is_multiple_of(sector) {
         let padded = geo.virtual_size.div_ceil(sector) * sector;
         return Err(Error::InvalidArgument(format!(
             "the source is {} bytes, not a whole number of {sector}-byte sectors, and {} stores \

@@ -35,7 +35,9 @@ pub(crate) fn create(path: &Path, opts: &CreateOptions) -> Result<Box<dyn Virtua
     }
     // A raw image is just bytes: any size is a valid raw image (and converting one must work).
     if opts.format != DiskFormat::Raw
-        && opts.virtual_size % u64::from(opts.logical_sector_size) != 0
+        && !opts
+            .virtual_size
+            .is_multiple_of(u64::from(opts.logical_sector_size))
     {
         return Err(Error::InvalidArgument(format!(
             "virtual size {} is not a multiple of the {}-byte logical sector size",
