@@ -13,6 +13,7 @@
 # Environment knobs:
 #   FUZZ_SECONDS=N   seconds per fuzz target (default 60; 0 skips fuzzing: local use only)
 #   TEST_RUNNER=cargo|nextest   force the test runner (default: nextest if installed)
+#   ONLY=setup|workspace|fuzz   run the setup plus only that part (local use; CI runs all)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,6 +22,7 @@ export DEBIAN_FRONTEND=noninteractive
 export PATH="$HOME/.cargo/bin:$PATH"
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
 FUZZ_TARGETS=(vhdx_open vhd_open)
+ONLY=${ONLY:-}
 START=$SECONDS
 
 section() { printf '\n\033[1m==== %s  (t+%ds) ====\033[0m\n' "$*" "$((SECONDS - START))"; }
@@ -94,7 +96,10 @@ printf '%-10s %s\n' \
     pyvhdi "$(python3 -c 'import pyvhdi; print(pyvhdi.get_version())')"
 
 # ---------------------------------------------------------------------------------------------
+want() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
+
 runner=${TEST_RUNNER:-}
+if want workspace; then
 if [ -z "$runner" ]; then
     if cargo nextest --version >/dev/null 2>&1; then runner=nextest; else runner=cargo; fi
 fi
@@ -111,13 +116,18 @@ cargo)
     ;;
 *) die "TEST_RUNNER must be 'cargo' or 'nextest', not '$runner'" ;;
 esac
+fi
 
 # ---------------------------------------------------------------------------------------------
-section "Tests: fuzz crate (input encoding, contract checks)"
+if want fuzz; then
+section "Tests: fuzz crate (input encoding, seeds open, contract checks)"
 cargo test --manifest-path fuzz/Cargo.toml --lib
+fi
 
 # ---------------------------------------------------------------------------------------------
-if [ "$FUZZ_SECONDS" -gt 0 ]; then
+if ! want fuzz; then
+    :
+elif [ "$FUZZ_SECONDS" -gt 0 ]; then
     # cargo-fuzz builds with -Zsanitizer=address, a nightly-only flag. The machine has only the
     # stable toolchain, and RUSTC_BOOTSTRAP=1 lets stable accept it (see fuzz/README.md).
     export RUSTC_BOOTSTRAP=1
@@ -132,17 +142,22 @@ if [ "$FUZZ_SECONDS" -gt 0 ]; then
         # New inputs go to a scratch directory (the first corpus argument) so the committed
         # seed corpus stays as committed.
         scratch=$(mktemp -d)
+        # libFuzzer prints a line per new input: keep that in a log, show the summary (or, on
+        # failure, the end of the log with the crash report).
+        log=$scratch.log
         if cargo fuzz run --fuzz-dir fuzz "$t" "$scratch" "$seeds" -- \
             -max_total_time="$FUZZ_SECONDS" -max_len=262144 -timeout=30 \
-            -rss_limit_mb=2048 -print_final_stats=1 </dev/null; then
+            -rss_limit_mb=2048 -print_final_stats=1 </dev/null >"$log" 2>&1; then
+            grep -E '^(INFO: seed corpus|#[0-9]+[[:space:]]+(INITED|DONE)|Done |stat::)' "$log" || true
             echo "$t: no crash in ${FUZZ_SECONDS}s ($(ls "$scratch" | wc -l) new corpus entries)"
         else
+            tail -n 80 "$log"
             failed+=("$t")
             echo "$t: FAILED. Reproduce: RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz $t fuzz/artifacts/$t/<file>"
             echo "  see the file it describes: cargo run --manifest-path fuzz/Cargo.toml --bin encode_corpus decode fuzz/artifacts/$t/<file> /tmp/disk"
             ls -l "fuzz/artifacts/$t" 2>/dev/null || true
         fi
-        rm -rf "$scratch"
+        rm -rf "$scratch" "$log"
     done
     [ ${#failed[@]} -eq 0 ] || die "fuzz targets found crashes: ${failed[*]}"
 else

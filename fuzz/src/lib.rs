@@ -344,12 +344,11 @@ mod tests {
         assert!(SparseFile::decode(&[1, 2]).is_empty());
     }
 
+    type OpenFn = fn(Arc<dyn ReadAt>) -> vdisk_core::Result<Box<dyn VirtualDisk>>;
+
     /// Every committed seed was made from a valid image by qemu-img (make-corpus.sh): each must
     /// open and pass the walk, or the seeds (or the parser) are broken and fuzzing starts blind.
-    fn seeds_open(
-        target: &str,
-        open: fn(Arc<dyn ReadAt>) -> vdisk_core::Result<Box<dyn VirtualDisk>>,
-    ) {
+    fn seeds_open(target: &str, open: OpenFn) {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("corpus")
             .join(target);

@@ -222,8 +222,23 @@ fn same_file(v: &serde_json::Value, p: &Path) -> bool {
     got.canonicalize().unwrap() == p.canonicalize().unwrap()
 }
 
+/// Open for writing. Tests run in parallel threads that spawn processes: a forked child holds a
+/// copy of every descriptor (and so of a VHDX writer's file lock) until it execs, so right after
+/// another thread's spawn a fresh lock can briefly look taken. Retry for that moment only.
+fn open_mut(p: &Path) -> Box<dyn vdisk::VirtualDiskMut> {
+    for _ in 0..50 {
+        match vdisk::open_mut(p, &OpenOptions::default()) {
+            Err(e) if e.to_string().contains("already open for writing") => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            other => return other.unwrap(),
+        }
+    }
+    panic!("{} stays locked by another writer", p.display());
+}
+
 fn write_pattern(p: &Path, offset: u64, len: usize, byte: u8) {
-    let mut d = vdisk::open_mut(p, &OpenOptions::default()).unwrap();
+    let mut d = open_mut(p);
     d.write_at(&vec![byte; len], offset).unwrap();
     d.flush().unwrap();
 }
@@ -246,7 +261,7 @@ fn create_child_write_and_merge_for_vhdx_and_vhd() {
         write_pattern(&child, (2 << 20) + 4096, 8192, 0xc2);
         write_pattern(&child, 20 << 20, 3 << 20, 0xc3);
         {
-            let mut c = vdisk::open_mut(&child, &OpenOptions::default()).unwrap();
+            let mut c = open_mut(&child);
             c.write_zeroes(40 << 20, 1 << 20).unwrap();
             c.flush().unwrap();
         }

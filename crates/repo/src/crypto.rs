@@ -1,20 +1,108 @@
-//! Keys and sealing. (Contract; bodies to be written.)
+//! Keys and sealing.
 //!
 //! - Master key: 32-byte encryption key + 32-byte id key, random, never leaves memory except
-//!   wrapped in a key slot.
-//! - Chunk ids: keyed BLAKE3 (id key) of the plaintext, so ids reveal nothing without the key.
-//! - Objects: XChaCha20-Poly1305 with a random 24-byte nonce: `nonce || ciphertext || tag`.
+//!   wrapped in a key slot. Its `Debug` prints nothing secret and it is zeroed on drop.
+//! - Chunk ids: keyed BLAKE3 (id key) of the plaintext, so ids reveal nothing without the key
+//!   (an unkeyed hash would let anyone holding the repository test whether it contains a known
+//!   file).
+//! - Objects: XChaCha20-Poly1305 with a random 24-byte nonce: `nonce || ciphertext || tag`. The
+//!   192-bit nonce makes random nonces safe for any number of objects, so no nonce state has to
+//!   be kept or coordinated between concurrent writers.
 //! - Key slots (`keys/<id>`): JSON with argon2id parameters, salt, and the master key sealed
-//!   with the password-derived key. Several slots wrap the same master key.
+//!   with the password-derived key. Several slots wrap the same master key, so a password can
+//!   be added or removed without re-encrypting anything.
+//!
+//! We use the RustCrypto `chacha20poly1305` and `argon2` crates and the reference `blake3`
+//! crate: cryptographic primitives are the one place where we do not write our own.
+
+use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroize;
+
+use crate::{Error, Result};
+
+/// Bytes a sealed object is longer than its plaintext: 24-byte nonce + 16-byte tag.
+pub const SEAL_OVERHEAD: usize = 40;
+const NONCE_LEN: usize = 24;
 
 /// A chunk or object id: 32 bytes, shown as 64 hex digits.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Id(pub [u8; 32]);
 
 impl Id {
+    /// The all-zero id (used by chunk tables for "reads as zeros").
+    pub const ZERO: Id = Id([0u8; 32]);
+
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push(hex_digit(b >> 4));
+            s.push(hex_digit(b & 15));
+        }
+        s
     }
+
+    /// Parse exactly 64 hex digits (either case).
+    pub fn from_hex(s: &str) -> Result<Id> {
+        let bytes = s.as_bytes();
+        if bytes.len() != 64 {
+            return Err(Error::InvalidArgument(format!(
+                "{s:?} is not an id (expected 64 hex digits, got {})",
+                bytes.len()
+            )));
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in bytes.chunks_exact(2).enumerate() {
+            match (hex_value(pair[0]), hex_value(pair[1])) {
+                (Some(h), Some(l)) => out[i] = (h << 4) | l,
+                _ => {
+                    return Err(Error::InvalidArgument(format!(
+                        "{s:?} is not an id (not hexadecimal)"
+                    )))
+                }
+            }
+        }
+        Ok(Id(out))
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.0 == [0u8; 32]
+    }
+}
+
+fn hex_digit(v: u8) -> char {
+    char::from(b"0123456789abcdef"[usize::from(v & 15)])
+}
+
+fn hex_value(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Lower-case hex of any bytes (salts, sealed keys).
+pub fn to_hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(hex_digit(b >> 4));
+        s.push(hex_digit(b & 15));
+    }
+    s
+}
+
+/// Parse hex of any even length; `None` if malformed.
+pub fn from_hex(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    if b.len() % 2 != 0 {
+        return None;
+    }
+    b.chunks_exact(2)
+        .map(|p| Some((hex_value(p[0])? << 4) | hex_value(p[1])?))
+        .collect()
 }
 
 impl std::fmt::Debug for Id {
@@ -26,5 +114,400 @@ impl std::fmt::Debug for Id {
 impl std::fmt::Display for Id {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.to_hex())
+    }
+}
+
+impl std::str::FromStr for Id {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Id> {
+        Id::from_hex(s)
+    }
+}
+
+impl Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for Id {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Id, D::Error> {
+        // A visitor instead of `String::deserialize`: index files hold millions of ids, and
+        // borrowing the string avoids one allocation per id.
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Id;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an id of 64 hex digits")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Id, E> {
+                Id::from_hex(v).map_err(|_| E::custom(format!("{v:?} is not an id of 64 hex digits")))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Unkeyed BLAKE3, for object names (verifiable without the key).
+pub fn hash(data: &[u8]) -> Id {
+    Id(*blake3::hash(data).as_bytes())
+}
+
+/// Fill `buf` from the operating system's random number generator.
+pub fn random_bytes(buf: &mut [u8]) {
+    // The OS generator failing is not something a caller can handle or retry sensibly, and
+    // continuing with predictable keys or nonces would be far worse than stopping.
+    getrandom::getrandom(buf).expect("the operating system's random number generator failed");
+}
+
+/// Authentication failed: the sealed bytes were damaged, truncated, or sealed with another key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("authentication failed (the data is damaged or was sealed with another key)")]
+pub struct CryptoError;
+
+/// The repository's master key: encryption key and chunk-id key.
+#[derive(Clone)]
+pub struct MasterKey {
+    enc: [u8; 32],
+    id: [u8; 32],
+}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(..)")
+    }
+}
+
+impl Drop for MasterKey {
+    fn drop(&mut self) {
+        self.enc.zeroize();
+        self.id.zeroize();
+    }
+}
+
+impl MasterKey {
+    /// A fresh random key.
+    pub fn generate() -> MasterKey {
+        let mut k = MasterKey {
+            enc: [0; 32],
+            id: [0; 32],
+        };
+        random_bytes(&mut k.enc);
+        random_bytes(&mut k.id);
+        k
+    }
+
+    /// Keyed BLAKE3 of a chunk's plaintext.
+    pub fn chunk_id(&self, data: &[u8]) -> Id {
+        Id(*blake3::keyed_hash(&self.id, data).as_bytes())
+    }
+
+    /// Encrypt and authenticate: `nonce(24) || ciphertext || tag(16)`.
+    pub fn seal(&self, plaintext: &[u8]) -> Vec<u8> {
+        seal_with(&self.enc, plaintext)
+    }
+
+    /// Check and decrypt what [`MasterKey::seal`] produced.
+    pub fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        open_with(&self.enc, sealed)
+    }
+
+    fn to_bytes(&self) -> zeroize::Zeroizing<[u8; 64]> {
+        let mut b = zeroize::Zeroizing::new([0u8; 64]);
+        b[..32].copy_from_slice(&self.enc);
+        b[32..].copy_from_slice(&self.id);
+        b
+    }
+
+    fn from_bytes(b: &[u8]) -> Option<MasterKey> {
+        if b.len() != 64 {
+            return None;
+        }
+        let mut k = MasterKey {
+            enc: [0; 32],
+            id: [0; 32],
+        };
+        k.enc.copy_from_slice(&b[..32]);
+        k.id.copy_from_slice(&b[32..]);
+        Some(k)
+    }
+}
+
+fn seal_with(key: &[u8; 32], plaintext: &[u8]) -> Vec<u8> {
+    let cipher = XChaCha20Poly1305::new(key.into());
+    let mut nonce = [0u8; NONCE_LEN];
+    random_bytes(&mut nonce);
+    // Encryption only fails for plaintexts beyond 256 GiB, which no caller produces.
+    let ct = cipher
+        .encrypt(XNonce::from_slice(&nonce), plaintext)
+        .expect("XChaCha20-Poly1305 plaintext too long");
+    let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    out
+}
+
+fn open_with(key: &[u8; 32], sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    if sealed.len() < SEAL_OVERHEAD {
+        return Err(CryptoError);
+    }
+    let cipher = XChaCha20Poly1305::new(key.into());
+    let (nonce, ct) = sealed.split_at(NONCE_LEN);
+    cipher
+        .decrypt(XNonce::from_slice(nonce), ct)
+        .map_err(|_| CryptoError)
+}
+
+/// argon2id cost parameters of a key slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KdfParams {
+    pub m_cost_kib: u32,
+    pub t_cost: u32,
+    pub p_cost: u32,
+}
+
+/// Largest parameters a key slot may ask for: a slot is untrusted input, and a damaged or
+/// hostile one must not make `open` allocate gigabytes or spin for hours.
+const MAX_M_COST_KIB: u32 = 4 * 1024 * 1024;
+const MAX_T_COST: u32 = 64;
+const MAX_P_COST: u32 = 64;
+
+impl Default for KdfParams {
+    /// 64 MiB, 3 passes, 1 lane: OWASP's recommended argon2id range, about 0.2-0.5 s.
+    fn default() -> Self {
+        KdfParams {
+            m_cost_kib: 64 * 1024,
+            t_cost: 3,
+            p_cost: 1,
+        }
+    }
+}
+
+impl KdfParams {
+    /// Deliberately weak parameters (1 MiB, 1 pass), for tests only.
+    pub const FAST_FOR_TESTS: KdfParams = KdfParams {
+        m_cost_kib: 1024,
+        t_cost: 1,
+        p_cost: 1,
+    };
+
+    /// The defaults, or [`KdfParams::FAST_FOR_TESTS`] when `HYPERKEEP_TEST_FAST_KDF=1` is set.
+    /// The variable exists only so test suites do not spend seconds in argon2; never set it for
+    /// a real repository, since it makes passwords far cheaper to guess.
+    pub fn from_env() -> KdfParams {
+        if std::env::var("HYPERKEEP_TEST_FAST_KDF").as_deref() == Ok("1") {
+            KdfParams::FAST_FOR_TESTS
+        } else {
+            KdfParams::default()
+        }
+    }
+
+    fn derive(&self, password: &str, salt: &[u8]) -> Result<zeroize::Zeroizing<[u8; 32]>> {
+        let params = argon2::Params::new(self.m_cost_kib, self.t_cost, self.p_cost, Some(32))
+            .map_err(|e| Error::InvalidArgument(format!("invalid argon2id parameters: {e}")))?;
+        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let mut out = zeroize::Zeroizing::new([0u8; 32]);
+        argon
+            .hash_password_into(password.as_bytes(), salt, out.as_mut())
+            .map_err(|e| Error::InvalidArgument(format!("argon2id failed: {e}")))?;
+        Ok(out)
+    }
+}
+
+/// A key slot (`keys/<id>`): the master key wrapped with a password.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeySlot {
+    /// 16 hex digits; also the object name.
+    pub id: String,
+    /// RFC 3339, UTC.
+    pub created: String,
+    pub hostname: String,
+    pub username: String,
+    /// Always `argon2id`.
+    pub kdf: String,
+    pub m_cost_kib: u32,
+    pub t_cost: u32,
+    pub p_cost: u32,
+    /// Hex, 16 random bytes.
+    pub salt: String,
+    /// Hex: the 64-byte master key sealed with the argon2id-derived key.
+    pub sealed_master: String,
+}
+
+impl std::fmt::Debug for KeySlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The wrapped key is safe to show in principle, but nothing key-shaped goes to logs.
+        f.debug_struct("KeySlot")
+            .field("id", &self.id)
+            .field("created", &self.created)
+            .field("hostname", &self.hostname)
+            .field("username", &self.username)
+            .field("kdf", &self.kdf)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeySlot {
+    /// Wrap `master` with `password`.
+    pub fn create(master: &MasterKey, password: &str, params: KdfParams) -> Result<KeySlot> {
+        let mut salt = [0u8; 16];
+        random_bytes(&mut salt);
+        let mut id = [0u8; 8];
+        random_bytes(&mut id);
+        let wrapping = params.derive(password, &salt)?;
+        let sealed = seal_with(&wrapping, master.to_bytes().as_ref());
+        Ok(KeySlot {
+            id: to_hex(&id),
+            created: crate::repository::now_rfc3339(),
+            hostname: crate::repository::local_hostname(),
+            username: local_username(),
+            kdf: "argon2id".into(),
+            m_cost_kib: params.m_cost_kib,
+            t_cost: params.t_cost,
+            p_cost: params.p_cost,
+            salt: to_hex(&salt),
+            sealed_master: to_hex(&sealed),
+        })
+    }
+
+    /// Unwrap the master key. `Error::WrongPassword` if the password does not open this slot,
+    /// `Error::Corrupt` if the slot itself is malformed.
+    pub fn unlock(&self, password: &str) -> Result<MasterKey> {
+        let object = format!("keys/{}", self.id);
+        if self.kdf != "argon2id" {
+            return Err(Error::corrupt(
+                object,
+                format!("unknown key derivation {:?}", self.kdf),
+            ));
+        }
+        if self.m_cost_kib > MAX_M_COST_KIB || self.t_cost > MAX_T_COST || self.p_cost > MAX_P_COST
+        {
+            return Err(Error::corrupt(
+                object,
+                format!(
+                    "argon2id parameters out of range (m={} KiB, t={}, p={})",
+                    self.m_cost_kib, self.t_cost, self.p_cost
+                ),
+            ));
+        }
+        let salt = from_hex(&self.salt)
+            .filter(|s| (8..=64).contains(&s.len()))
+            .ok_or_else(|| Error::corrupt(&object, "malformed salt"))?;
+        let sealed = from_hex(&self.sealed_master)
+            .filter(|s| s.len() == 64 + SEAL_OVERHEAD)
+            .ok_or_else(|| Error::corrupt(&object, "malformed wrapped key"))?;
+        let params = KdfParams {
+            m_cost_kib: self.m_cost_kib,
+            t_cost: self.t_cost,
+            p_cost: self.p_cost,
+        };
+        let wrapping = params
+            .derive(password, &salt)
+            .map_err(|e| Error::corrupt(&object, e.to_string()))?;
+        let plain = zeroize::Zeroizing::new(
+            open_with(&wrapping, &sealed).map_err(|_| Error::WrongPassword)?,
+        );
+        MasterKey::from_bytes(&plain).ok_or_else(|| Error::corrupt(&object, "wrapped key has the wrong length"))
+    }
+}
+
+fn local_username() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("USERNAME"))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_hex_round_trip_and_serde() {
+        let id = hash(b"hello");
+        assert_eq!(Id::from_hex(&id.to_hex()).unwrap(), id);
+        assert_eq!(Id::from_hex(&id.to_hex().to_uppercase()).unwrap(), id);
+        assert!(Id::from_hex("abc").is_err());
+        assert!(Id::from_hex(&"g".repeat(64)).is_err());
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, format!("\"{}\"", id.to_hex()));
+        let back: Id = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, id);
+        assert!(serde_json::from_str::<Id>("\"00\"").is_err());
+        // BLAKE3 test vector for the empty input.
+        assert_eq!(
+            hash(b"").to_hex(),
+            "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
+        );
+    }
+
+    #[test]
+    fn seal_open_round_trip_and_tamper() {
+        let k = MasterKey::generate();
+        for len in [0usize, 1, 100, 70_000] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let sealed = k.seal(&data);
+            assert_eq!(sealed.len(), len + SEAL_OVERHEAD);
+            assert_eq!(k.open(&sealed).unwrap(), data);
+            // Every single-bit flip anywhere is detected.
+            for pos in [0, 23, 24, sealed.len() / 2, sealed.len() - 1] {
+                let mut bad = sealed.clone();
+                bad[pos] ^= 0x10;
+                assert_eq!(k.open(&bad), Err(CryptoError));
+            }
+            assert_eq!(k.open(&sealed[..sealed.len() - 1]), Err(CryptoError));
+        }
+        // Same plaintext twice: different nonces, different ciphertexts.
+        assert_ne!(k.seal(b"x"), k.seal(b"x"));
+        // Another key cannot open it.
+        assert_eq!(MasterKey::generate().open(&k.seal(b"x")), Err(CryptoError));
+        assert_eq!(k.open(&[1, 2, 3]), Err(CryptoError));
+    }
+
+    #[test]
+    fn chunk_ids_are_keyed() {
+        let a = MasterKey::generate();
+        let b = MasterKey::generate();
+        assert_eq!(a.chunk_id(b"data"), a.chunk_id(b"data"));
+        assert_ne!(a.chunk_id(b"data"), b.chunk_id(b"data"));
+        assert_ne!(a.chunk_id(b"data"), hash(b"data"));
+    }
+
+    #[test]
+    fn debug_never_shows_keys() {
+        let k = MasterKey::generate();
+        assert_eq!(format!("{k:?}"), "MasterKey(..)");
+        let slot = KeySlot::create(&k, "pw", KdfParams::FAST_FOR_TESTS).unwrap();
+        let dbg = format!("{slot:?}");
+        assert!(!dbg.contains(&slot.sealed_master));
+        assert!(!dbg.contains(&slot.salt));
+    }
+
+    #[test]
+    fn key_slot_unlocks_with_right_password_only() {
+        let k = MasterKey::generate();
+        let slot = KeySlot::create(&k, "correct horse", KdfParams::FAST_FOR_TESTS).unwrap();
+        assert_eq!(slot.id.len(), 16);
+        let json = serde_json::to_string(&slot).unwrap();
+        let slot: KeySlot = serde_json::from_str(&json).unwrap();
+        let k2 = slot.unlock("correct horse").unwrap();
+        assert_eq!(k2.chunk_id(b"x"), k.chunk_id(b"x"));
+        let sealed = k.seal(b"secret");
+        assert_eq!(k2.open(&sealed).unwrap(), b"secret");
+        assert!(matches!(slot.unlock("wrong"), Err(Error::WrongPassword)));
+
+        let mut hostile = slot.clone();
+        hostile.m_cost_kib = u32::MAX;
+        assert!(matches!(hostile.unlock("correct horse"), Err(Error::Corrupt { .. })));
+        let mut bad = slot.clone();
+        bad.salt = "zz".into();
+        assert!(matches!(bad.unlock("correct horse"), Err(Error::Corrupt { .. })));
+        let mut bad = slot.clone();
+        bad.kdf = "scrypt".into();
+        assert!(matches!(bad.unlock("correct horse"), Err(Error::Corrupt { .. })));
+        let mut bad = slot;
+        let mut raw = from_hex(&bad.sealed_master).unwrap();
+        raw[30] ^= 1;
+        bad.sealed_master = to_hex(&raw);
+        assert!(matches!(bad.unlock("correct horse"), Err(Error::WrongPassword)));
     }
 }

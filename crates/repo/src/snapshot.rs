@@ -33,7 +33,7 @@ pub const TABLE_BLOB_ENTRIES: usize = 4096;
 /// Shortest accepted abbreviation of a snapshot id: fewer digits would match by accident.
 pub const MIN_PREFIX: usize = 4;
 /// The id recorded for a chunk that reads as zeros.
-pub const ZERO_ID: Id = Id([0u8; 32]);
+pub const ZERO_ID: Id = Id::ZERO;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Snapshot {
@@ -371,20 +371,12 @@ pub fn referenced_blobs(repo: &Repository, index: &Index, snap: &Snapshot) -> Re
     Ok(used)
 }
 
-/// This machine's name, for manifests and locks.
+/// This machine's name, for manifests.
 pub fn hostname() -> String {
-    for var in ["HOSTNAME", "COMPUTERNAME"] {
-        if let Ok(h) = std::env::var(var) {
-            if !h.trim().is_empty() {
-                return h.trim().to_string();
-            }
-        }
-    }
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|s| s.trim().to_string())
+    hostname::get()
         .ok()
-        .filter(|s| !s.is_empty())
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.trim().is_empty())
         .unwrap_or_else(|| "unknown".into())
 }
 
