@@ -156,6 +156,9 @@ pub fn check_report(r: &CheckReport, json: bool) -> Result<()> {
             println!("  - {p}");
         }
     }
+    for w in &r.warnings {
+        println!("  {w}");
+    }
     Ok(())
 }
 

@@ -182,6 +182,22 @@ fn current_header(file: &File, path: &Path) -> Result<(Header, usize)> {
     Ok((choice.header, choice.slot))
 }
 
+/// Take the exclusive lock, waiting briefly if it is held. A lock is owned by the open file
+/// description, and a process that forks (any thread of ours starting a program) holds a copy of
+/// every descriptor until its `exec` closes it: a file we closed a moment ago can still look
+/// locked for a few milliseconds. A real second writer holds it far longer than we wait.
+fn lock_for_writing(file: &File) -> std::result::Result<(), std::fs::TryLockError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match file.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Open a layer for writing: renew the headers and replay a pending log on disk, then hand back
 /// the view to parse the rest of the file from, and the writer's state. The reader calls this
 /// before parsing regions, metadata and BAT.
@@ -193,7 +209,7 @@ pub(crate) fn open_writable(
     // Two writers on one file would allocate the same blocks and interleave log entries; the
     // lock (advisory on Unix, enforced on Windows) makes a second writable open fail instead.
     // It is released when the file is closed.
-    file.try_lock().map_err(|e| match e {
+    lock_for_writing(&file).map_err(|e| match e {
         std::fs::TryLockError::WouldBlock => Error::InvalidArgument(format!(
             "{} is already open for writing by another program or handle; close it first",
             path.display()

@@ -48,10 +48,16 @@ pub(crate) fn check(path: &Path, opts: &OpenOptions) -> Result<CheckReport> {
             }
         }
     }
+    // Format checkers mark findings that are not errors with a `warning:` prefix (possibly
+    // behind a "parent X: " prefix we added).
+    let (warnings, problems): (Vec<String>, Vec<String>) = problems
+        .into_iter()
+        .partition(|p| p.starts_with("warning: ") || p.contains(": warning: "));
     Ok(CheckReport {
         path: path.to_path_buf(),
         format,
         problems,
+        warnings,
     })
 }
 
@@ -93,5 +99,25 @@ mod tests {
         assert!(r.problems.is_empty(), "{:?}", r.problems);
         let e = crate::check(&dir.path().join("nope"), &OpenOptions::default()).unwrap_err();
         assert!(e.to_string().contains("cannot open"), "{e}");
+    }
+
+    #[test]
+    fn a_copied_vhd_parent_is_a_warning_not_a_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.vhd");
+        let child = dir.path().join("child.vhd");
+        let mut opts = crate::CreateOptions::new(DiskFormat::Vhd, 8 << 20);
+        opts.physical_sector_size = 512;
+        drop(crate::create(&base, &opts).unwrap());
+        drop(crate::create_child(&base, &child).unwrap());
+        // Copying a parent to another server changes its modification time, not its identity.
+        let f = std::fs::File::options().write(true).open(&base).unwrap();
+        f.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30))
+            .unwrap();
+        drop(f);
+        let r = crate::check(&child, &OpenOptions::default()).unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(r.warnings[0].contains("time stamp"), "{:?}", r.warnings);
     }
 }

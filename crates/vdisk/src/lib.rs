@@ -134,6 +134,9 @@ pub struct CheckReport {
     pub format: DiskFormat,
     /// Every problem found; empty means the file is clean.
     pub problems: Vec<String>,
+    /// Findings that do not make the file unusable (e.g. a VHD parent's time stamp differs
+    /// because the parent was copied); shown, but the file still counts as clean.
+    pub warnings: Vec<String>,
 }
 
 /// Check a disk file's structure (and its parent chain) without modifying it.

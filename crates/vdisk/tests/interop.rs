@@ -356,6 +356,14 @@ fn build_chain(format: DiskFormat, depth: usize, sector: u32) -> Chain {
         }
         model.zero(&mut *disk, 7 * s, s);
         written.push((7 * s, s));
+        if level == 1 {
+            // A whole block of zeroes over the parent's data (the base wrote around the 1 MiB
+            // boundary): the child must record it (a ZERO block) and hide the parent.
+            model.zero(&mut *disk, 8 * MIB, MIB);
+            written.push((8 * MIB, MIB));
+            model.write(&mut *disk, 8 * MIB + 4 * s, s);
+            written.push((8 * MIB + 4 * s, s));
+        }
         for _ in 0..10 + level {
             let at = (level as u64 * 977 + written.len() as u64 * 1231) % (model.size() / s - 8);
             model.write(&mut *disk, at * s, 3 * s);
@@ -638,4 +646,51 @@ fn assert_file_size_sparse(what: &str, img: &Path, content: &[u8], block: u64, f
         "{what}: {len} bytes for {nonzero_blocks} non-zero blocks of {block} bytes: zero or \
          unallocated ranges were stored"
     );
+}
+
+/// Converting the top of a differencing chain flattens it: the output is a standalone disk with
+/// the chain's view, readable by qemu-img and libvhdi.
+#[test]
+fn convert_flattens_a_chain() {
+    for format in [DiskFormat::Vhdx, DiskFormat::Vhd] {
+        let c = build_chain(format, 3, 512);
+        let top = open(c.paths.last().unwrap());
+        for (name, to, fixed) in [
+            ("flat.vhdx", DiskFormat::Vhdx, false),
+            ("flat.vhd", DiskFormat::Vhd, true),
+            ("flat.raw", DiskFormat::Raw, false),
+        ] {
+            let out = c._dir.path().join(name);
+            let what = format!("{format} chain of 3 converted to {name}");
+            vdisk::convert(
+                &*top,
+                &out,
+                &ConvertOptions {
+                    format: to,
+                    fixed,
+                    block_size: None,
+                },
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let disk = open(&out);
+            assert!(disk.info().parent.is_none(), "{what}: output has a parent");
+            assert_same(&what, &read_all(&*disk), &c.model.data);
+            assert_check_clean(&out);
+            if to != DiskFormat::Raw {
+                let qemu_fmt = if to == DiskFormat::Vhdx {
+                    "vhdx"
+                } else {
+                    "vpc"
+                };
+                if to == DiskFormat::Vhdx {
+                    qemu_check_clean(&out, "vhdx");
+                }
+                let raw = qemu_to_raw(&out, qemu_fmt, c._dir.path());
+                assert_disk_equals_file(&format!("{what} vs qemu-img"), &*disk, &raw, 0);
+                let vhdi = vhdi_dump(&[&out], c._dir.path());
+                assert_disk_equals_file(&format!("{what} vs libvhdi"), &*disk, &vhdi, 0);
+            }
+        }
+    }
 }

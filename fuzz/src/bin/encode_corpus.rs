@@ -140,10 +140,65 @@ fn own_seeds(corpus: &std::path::Path) -> Result<(), String> {
             failures.push(format!("{ext} ({sector}-byte sectors): {e}"));
         }
     }
+    // A VHDX whose writer "crashed" between writing the log and applying it: the reader must
+    // replay the log (in memory) before anything else, so the log parser gets seeds too.
+    if let Err(e) = pending_log_seed(&work, &encode_to) {
+        failures.push(format!("vhdx with a pending log: {e}"));
+    }
     let _ = std::fs::remove_dir_all(&work);
     if failures.is_empty() {
         Ok(())
     } else {
         Err(failures.join("; "))
     }
+}
+
+fn pending_log_seed(
+    work: &std::path::Path,
+    encode_to: &dyn Fn(&std::path::Path, &str, &str) -> Result<(), String>,
+) -> Result<(), String> {
+    use vdisk::VirtualDiskMut;
+    use vdisk_vhdx::{CreateOptions, Vhdx};
+
+    let e = |e: vdisk::Error| e.to_string();
+    let base = work.join("log-base.vhdx");
+    let child = work.join("log-child.avhdx");
+    let opts = CreateOptions {
+        virtual_size: 8 << 20,
+        block_size: 1 << 20,
+        ..CreateOptions::default()
+    };
+    let mut d = Vhdx::create(&base, &opts).map_err(e)?;
+    d.write_at(&[0x11; 4096], 4096).map_err(e)?;
+    d.flush().map_err(e)?;
+    d.set_crash_after_log_write(true).map_err(e)?;
+    // New blocks: BAT pages change and go through the log.
+    d.write_at(&[0x22; 1536], (3 << 20) + 512).map_err(e)?;
+    d.write_at(&[0x33; 512], (6 << 20) + 4096).map_err(e)?;
+    if d.flush().is_ok() {
+        return Err("the crash hook did not stop the log apply".into());
+    }
+    drop(d);
+    encode_to(&base, "vhdx_open", "hyperkeep-pending-log")?;
+
+    // The same for a differencing layer: bitmap pages that exist only in the log.
+    let base2 = work.join("log-base2.vhdx");
+    let mut b = Vhdx::create(&base2, &opts).map_err(e)?;
+    b.write_at(&[0x44; 8192], 0).map_err(e)?;
+    b.flush().map_err(e)?;
+    drop(b);
+    let mut c = Vhdx::create_child(&base2, &child).map_err(e)?;
+    c.write_at(&[0x55; 512], 1536).map_err(e)?;
+    c.flush().map_err(e)?;
+    c.set_crash_after_log_write(true).map_err(e)?;
+    for i in 0..6u64 {
+        c.write_at(&[0x60 + i as u8; 512], (i * 1_300_000) / 512 * 512)
+            .map_err(e)?;
+    }
+    if c.flush().is_ok() {
+        return Err("the crash hook did not stop the log apply (child)".into());
+    }
+    drop(c);
+    encode_to(&child, "vhdx_open", "hyperkeep-child-pending-log")?;
+    Ok(())
 }
