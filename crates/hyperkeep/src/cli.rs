@@ -6,20 +6,40 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 const EXIT_CODES: &str = "\
 Exit codes:
-  0  success
-  1  problems found (disk check)
-  2  error (bad arguments, unreadable file, failed operation)";
+  0   success
+  1   problems found (check, disk check)
+  2   error (bad arguments, unreadable file, failed operation, damaged data)
+  10  no repository at the location
+  11  the repository is locked
+  12  wrong password";
+
+const PASSWORD_HELP: &str = "\
+The repository password comes from, in this order: --password-file FILE (or
+HYPERKEEP_PASSWORD_FILE), the HYPERKEEP_PASSWORD environment variable, or a prompt
+when standard input is a terminal.";
 
 /// Backup and replication for Hyper-V virtual machines.
 ///
-/// Today: the virtual-disk layer (VHDX, VHD and raw images: inspect, convert, check,
-/// differencing children, merge). Repository, restore and replication come next.
+/// Virtual disks (VHDX, VHD and raw images: inspect, convert, check, differencing children,
+/// merge) and a deduplicating, compressed, encrypted backup repository of VM snapshots.
 #[derive(Parser, Debug)]
 #[command(name = "hyperkeep", version, after_help = EXIT_CODES)]
 pub struct Cli {
-    /// Print results as JSON on stdout (errors stay one line on stderr).
+    /// Print results as JSON on stdout; errors too, as {"error", "hint", "exit_code"} (and on stderr).
     #[arg(long, global = true)]
     pub json: bool,
+
+    /// Repository location: a directory (env HYPERKEEP_REPOSITORY).
+    #[arg(long = "repo", short = 'r', global = true, env = "HYPERKEEP_REPOSITORY", value_name = "LOCATION")]
+    pub repo: Option<String>,
+
+    /// Read the repository password from this file (first line; env HYPERKEEP_PASSWORD_FILE).
+    #[arg(long, global = true, env = "HYPERKEEP_PASSWORD_FILE", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+
+    /// No progress bar (it only ever shows when stderr is a terminal).
+    #[arg(long, global = true)]
+    pub no_progress: bool,
 
     /// More log output on stderr (-v info, -vv debug, -vvv trace; or set HYPERKEEP_LOG).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -34,6 +54,162 @@ pub enum Command {
     /// Virtual disks: info, convert, check, create, create-child, merge.
     #[command(subcommand, after_help = EXIT_CODES)]
     Disk(DiskCommand),
+    /// Create a new repository at --repo.
+    #[command(after_help = PASSWORD_HELP)]
+    Init {
+        /// Chunk size of disks and files: a power of two from 64K to 16M (default 1M).
+        #[arg(long, value_parser = parse_chunk_size, value_name = "SIZE")]
+        chunk_size: Option<u32>,
+    },
+    /// Back up one VM: its disks (VHDX, VHD, raw .raw/.img) and other files (.vmcx, .vmrs, ...).
+    #[command(after_help = PASSWORD_HELP)]
+    Backup(BackupArgs),
+    /// List snapshots, oldest first.
+    #[command(after_help = PASSWORD_HELP)]
+    Snapshots {
+        /// Only snapshots of this VM.
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Restore a snapshot's disks and files into a directory.
+    #[command(after_help = PASSWORD_HELP)]
+    Restore {
+        /// Snapshot id, unique prefix (at least 4 hex digits), or `latest`.
+        snapshot: String,
+        /// Directory to restore into (created if missing; existing files are never overwritten).
+        #[arg(long)]
+        target: PathBuf,
+        /// Disk format of the restored disks (default: each disk's original format).
+        #[arg(long, value_enum)]
+        to: Option<FormatArg>,
+        /// With `latest`: the newest snapshot of this VM.
+        #[arg(long)]
+        vm: Option<String>,
+    },
+    /// Remove snapshots by a retention policy (or by id); data is freed by `prune`.
+    #[command(after_help = PASSWORD_HELP)]
+    Forget(ForgetArgs),
+    /// Delete data no snapshot uses any more (takes an exclusive lock).
+    #[command(after_help = PASSWORD_HELP)]
+    Prune {
+        /// Only say what would be deleted or repacked.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Verify the repository's structure, and with --read-data every stored byte (exit 1 on problems).
+    #[command(after_help = PASSWORD_HELP)]
+    Check {
+        /// Read and authenticate every pack.
+        #[arg(long, conflicts_with = "read_data_subset")]
+        read_data: bool,
+        /// Read this share of the packs, e.g. 10%.
+        #[arg(long, value_parser = parse_percent, value_name = "N%")]
+        read_data_subset: Option<f64>,
+    },
+    /// Repository statistics: snapshots, sizes, deduplication and compression.
+    #[command(after_help = PASSWORD_HELP)]
+    Stats,
+    /// Changed bytes per disk between two snapshots, and added/removed disks and files.
+    #[command(after_help = PASSWORD_HELP)]
+    Diff {
+        /// The older snapshot (id, prefix or `latest`).
+        snapshot1: String,
+        /// The newer snapshot (id, prefix or `latest`).
+        snapshot2: String,
+    },
+    /// Manage the repository's passwords (key slots).
+    #[command(subcommand, after_help = PASSWORD_HELP)]
+    Key(KeyCommand),
+    /// Remove stale locks (left by a crashed hyperkeep), or all locks with --remove-all.
+    #[command(after_help = PASSWORD_HELP)]
+    Unlock {
+        /// Also remove locks that look alive (only when you are sure nothing else runs).
+        #[arg(long)]
+        remove_all: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// The VM's name (snapshots are grouped and retained per VM).
+    #[arg(long)]
+    pub vm: String,
+    /// A tag KEY=VALUE (repeatable).
+    #[arg(long = "tag", value_parser = parse_tag, value_name = "KEY=VALUE")]
+    pub tags: Vec<(String, String)>,
+    /// A differencing disk whose allocated ranges are the change list: only those are read,
+    /// everything else comes from the parent snapshot.
+    #[arg(long, value_name = "CHILD")]
+    pub changes_from: Option<PathBuf>,
+    /// Parent snapshot for the incremental (default: the latest snapshot of this VM).
+    #[arg(long, value_name = "SNAPSHOT")]
+    pub parent: Option<String>,
+    /// Worker threads (default: all cores).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub threads: usize,
+    /// The VM's disks and files.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ForgetArgs {
+    /// Snapshot ids to remove (instead of a policy).
+    #[arg(value_name = "SNAPSHOT", conflicts_with_all = ["keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly", "keep_within", "keep_tag"])]
+    pub ids: Vec<String>,
+    /// Only snapshots of this VM.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Keep the N newest snapshots.
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    /// Keep the newest snapshot of each of the last N hours that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N days that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    /// Keep the newest snapshot of each of the last N weeks that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N months that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    /// Keep the newest snapshot of each of the last N years that have one.
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Keep every snapshot younger than this (e.g. 7d, 2w, 1y6m, 12h) before the newest.
+    #[arg(long, value_name = "DURATION")]
+    pub keep_within: Option<repo::forget::KeepDuration>,
+    /// Keep every snapshot with this tag (KEY or KEY=VALUE; repeatable).
+    #[arg(long, value_name = "TAG")]
+    pub keep_tag: Vec<String>,
+    /// Only consider snapshots with this tag (KEY or KEY=VALUE; repeatable, all must match).
+    #[arg(long, value_name = "TAG")]
+    pub tag: Vec<String>,
+    /// Only say what would be removed.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Prune afterwards (exclusive lock).
+    #[arg(long)]
+    pub prune: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// List the key slots (the one in use is marked).
+    List,
+    /// Add a password (a new key slot for the same master key).
+    Add {
+        /// Read the new password from this file instead of a prompt.
+        #[arg(long, value_name = "FILE")]
+        new_password_file: Option<PathBuf>,
+    },
+    /// Remove a key slot (not the one in use, never the last).
+    Remove {
+        /// The key slot's id (`key list` shows them).
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -133,4 +309,29 @@ pub enum FormatArg {
 fn parse_block_size(s: &str) -> Result<u32, String> {
     let v = crate::size::parse_size(s)?;
     u32::try_from(v).map_err(|_| format!("block size {s} is too large (at most 256M for vhdx)"))
+}
+
+fn parse_chunk_size(s: &str) -> Result<u32, String> {
+    let v = crate::size::parse_size(s)?;
+    if !v.is_power_of_two() || !(64 << 10..=16 << 20).contains(&v) {
+        return Err(format!(
+            "chunk size {s} is not a power of two between 64K and 16M (e.g. 1M)"
+        ));
+    }
+    Ok(v as u32)
+}
+
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let n = s.trim().trim_end_matches('%').trim();
+    match n.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 100.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a percentage between 0 and 100 (e.g. 10%)")),
+    }
+}
+
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("tag {s:?} is not KEY=VALUE")),
+    }
 }

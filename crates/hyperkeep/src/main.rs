@@ -1,11 +1,16 @@
 //! `hyperkeep`: backup and replication for Hyper-V virtual machines.
 //!
 //! Map: `cli` declares the arguments (clap), `disk` runs the `hyperkeep disk ...` commands,
-//! `output` prints results for humans or as JSON, `size` parses sizes such as `32M`.
+//! `repo_cmd` the repository commands (one module per command) with `repo_open` finding the
+//! repository and its password and `progress` drawing progress bars, `output` prints results for
+//! humans or as JSON (errors included), `size` parses sizes such as `32M`.
 
 mod cli;
 mod disk;
 mod output;
+mod progress;
+mod repo_cmd;
+mod repo_open;
 mod size;
 
 use std::process::ExitCode;
@@ -16,6 +21,9 @@ use clap::Parser;
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_PROBLEMS: u8 = 1;
 pub const EXIT_ERROR: u8 = 2;
+pub const EXIT_NO_REPOSITORY: u8 = 10;
+pub const EXIT_LOCKED: u8 = 11;
+pub const EXIT_WRONG_PASSWORD: u8 = 12;
 
 fn main() -> ExitCode {
     let args = match cli::Cli::try_parse() {
@@ -24,18 +32,36 @@ fn main() -> ExitCode {
             // Help and version are not errors; clap's usage errors get our exit code 2.
             let code = if e.use_stderr() { EXIT_ERROR } else { EXIT_OK };
             let _ = e.print();
+            // The arguments did not parse, so look for --json by hand: a program that asked for
+            // JSON gets its error as JSON even for a typo.
+            if code != EXIT_OK && std::env::args().any(|a| a == "--json") {
+                let first = e.to_string();
+                let msg = first
+                    .lines()
+                    .next()
+                    .unwrap_or("invalid arguments")
+                    .trim_start_matches("error: ");
+                let v = serde_json::json!({
+                    "error": msg,
+                    "hint": "run with --help to see the usage",
+                    "exit_code": code,
+                });
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            }
             return ExitCode::from(code);
         }
     };
     init_tracing(args.verbose);
     let result = match &args.command {
         cli::Command::Disk(cmd) => disk::run(cmd, args.json),
+        _ => repo_cmd::run(&args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            output::print_error(&e);
-            ExitCode::from(EXIT_ERROR)
+            let code = output::exit_code(&e);
+            output::print_error(&e, code, args.json);
+            ExitCode::from(code)
         }
     }
 }

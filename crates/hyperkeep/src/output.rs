@@ -195,8 +195,24 @@ pub fn merge_report(r: &MergeReport, json: bool) -> Result<()> {
     Ok(())
 }
 
-/// `error: ...` on one line (the cause chain joined), then a hint where one helps.
-pub fn print_error(e: &anyhow::Error) {
+/// The exit code an error maps to (the contract's table): a missing repository 10, a locked
+/// one 11, a wrong password 12, anything else 2.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if let Some(r) = cause.downcast_ref::<repo::Error>() {
+            return match r {
+                repo::Error::NoRepository(_) => crate::EXIT_NO_REPOSITORY,
+                repo::Error::Locked(_) => crate::EXIT_LOCKED,
+                repo::Error::WrongPassword => crate::EXIT_WRONG_PASSWORD,
+                _ => crate::EXIT_ERROR,
+            };
+        }
+    }
+    crate::EXIT_ERROR
+}
+
+/// An error's one-line message (the cause chain joined) and its hint, if any.
+pub fn describe_error(e: &anyhow::Error) -> (String, Option<String>) {
     // vdisk's I/O errors print their cause themselves; don't repeat it.
     let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
@@ -212,6 +228,9 @@ pub fn print_error(e: &anyhow::Error) {
     };
     if hint.is_none() {
         hint = e.chain().find_map(|c| {
+            if let Some(r) = c.downcast_ref::<repo::Error>() {
+                return repo_hint(r);
+            }
             match c.downcast_ref::<vdisk::Error>()? {
                 vdisk::Error::Parent(m) if !m.contains("--parent") => Some(
                     "if the parent was moved, name it with --parent P (its linkage is still checked)"
@@ -224,8 +243,41 @@ pub fn print_error(e: &anyhow::Error) {
             }
         });
     }
-    eprintln!("error: {}", msg.replace('\n', " "));
-    if let Some(h) = hint {
+    (msg.replace('\n', " "), hint)
+}
+
+fn repo_hint(e: &repo::Error) -> Option<String> {
+    match e {
+        repo::Error::NoRepository(_) => Some(
+            "check --repo / HYPERKEEP_REPOSITORY, or create a repository there with `hyperkeep init`"
+                .into(),
+        ),
+        repo::Error::WrongPassword => Some(
+            "check --password-file / HYPERKEEP_PASSWORD_FILE / HYPERKEEP_PASSWORD; `hyperkeep key list` shows the key slots"
+                .into(),
+        ),
+        repo::Error::Locked(m) if !m.contains("unlock") => Some(
+            "wait for the other hyperkeep to finish; if it crashed, `hyperkeep unlock` removes stale locks"
+                .into(),
+        ),
+        repo::Error::Corrupt { .. } | repo::Error::Missing(_) => Some(
+            "run `hyperkeep check --read-data` to list every damaged object and the snapshots it affects"
+                .into(),
+        ),
+        _ => None,
+    }
+}
+
+/// `error: ...` on one line on stderr, then a hint where one helps; with `--json` the same as
+/// `{"error", "hint", "exit_code"}` on stdout too, so a program reading stdout learns why.
+pub fn print_error(e: &anyhow::Error, code: u8, json: bool) {
+    let (msg, hint) = describe_error(e);
+    eprintln!("error: {msg}");
+    if let Some(h) = &hint {
         eprintln!("hint: {h}");
+    }
+    if json {
+        let v = json!({ "error": msg, "hint": hint, "exit_code": code });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     }
 }

@@ -380,7 +380,12 @@ impl Run<'_> {
 
     /// Hash `raw`, and if the repository doesn't have it yet, compress and seal it for the
     /// packer. Returns the id and the sealed blob if it must be stored.
-    fn prepare(&self, raw: &[u8], kind: BlobKind) -> (Id, Option<Blob>) {
+    fn prepare(
+        &self,
+        raw: &[u8],
+        kind: BlobKind,
+        compressor: Option<&mut zstd::bulk::Compressor<'static>>,
+    ) -> (Id, Option<Blob>) {
         let key = self.repo.key();
         let id = key.chunk_id(raw);
         if self.index.contains(&id) {
@@ -394,8 +399,13 @@ impl Run<'_> {
         {
             return (id, None);
         }
-        let (compressed, payload) = pack::compress(self.level, raw);
-        let sealed = key.seal(&payload);
+        // A worker's own compressor keeps its zstd context across chunks (creating one per
+        // chunk costs allocations comparable to compressing a chunk at level 1).
+        let (compressed, sealed) = match compressor.map(|c| c.compress(raw)) {
+            Some(Ok(c)) if c.len() < raw.len() => (true, key.seal(&c)),
+            Some(_) => (false, key.seal(raw)),
+            None => pack::seal_blob(key, self.level, raw),
+        };
         let blob = Blob {
             id,
             kind,
@@ -418,7 +428,7 @@ fn packer(run: &Run<'_>, rx: Receiver<Blob>) -> Result<Packed> {
     let repo = run.repo;
     let pack_size = repo.config().pack_size;
     let mut out = Packed::default();
-    let mut writer = PackWriter::new();
+    let mut writer = PackWriter::new(pack_size);
     let flush = |writer: PackWriter, out: &mut Packed| -> Result<()> {
         let (id, bytes, entries) = writer.finish(repo.key());
         repo.backend().put(ObjectKind::Pack, &id.to_hex(), &bytes)?;
@@ -442,8 +452,8 @@ fn packer(run: &Run<'_>, rx: Receiver<Blob>) -> Result<Packed> {
             },
             blob.sealed,
         );
-        if writer.size() >= pack_size {
-            let full = std::mem::replace(&mut writer, PackWriter::new());
+        if writer.is_full() {
+            let full = std::mem::replace(&mut writer, PackWriter::new(pack_size));
             if let Err(e) = flush(full, &mut out) {
                 run.fail(e);
             }
@@ -708,7 +718,7 @@ pub fn backup(
                 }
                 let mut ids = Vec::new();
                 for raw in table_to_blobs(&plans[i].table) {
-                    let (id, blob) = run.prepare(&raw, BlobKind::Tree);
+                    let (id, blob) = run.prepare(&raw, BlobKind::Tree, None);
                     ids.push(id);
                     if let Some(b) = blob {
                         if tx.send(b).is_err() {
@@ -823,6 +833,7 @@ fn worker(
 ) -> Vec<(usize, u64, Id)> {
     let mut results = Vec::new();
     let mut buf = vec![0u8; chunk_size as usize];
+    let mut compressor = zstd::bulk::Compressor::new(run.level).ok();
     loop {
         if run.abort.load(Ordering::Relaxed) {
             break;
@@ -846,7 +857,7 @@ fn worker(
             results.push((s, chunk, ZERO_ID));
             continue;
         }
-        let (id, blob) = run.prepare(data, BlobKind::Data);
+        let (id, blob) = run.prepare(data, BlobKind::Data, compressor.as_mut());
         results.push((s, chunk, id));
         match blob {
             None => {

@@ -127,6 +127,9 @@ fn own_seeds(corpus: &std::path::Path) -> Result<(), String> {
                 // Zeroes over the parent's data: recorded in the child, hiding the parent.
                 d.write_zeroes(u64::from(sector) * 9, u64::from(sector))
                     .map_err(|e| e.to_string())?;
+                // And a whole block of zeroes (a ZERO block entry in the child).
+                d.write_zeroes(2 << 20, u64::from(block))
+                    .map_err(|e| e.to_string())?;
                 d.flush().map_err(|e| e.to_string())?;
             }
             encode_to(
