@@ -96,72 +96,83 @@ printf '%-10s %s\n' \
     pyvhdi "$(python3 -c 'import pyvhdi; print(pyvhdi.get_version())')"
 
 # ---------------------------------------------------------------------------------------------
+# Each part runs even if an earlier one failed, so one CI run shows every failure; the script
+# fails at the end if any part did.
 want() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
+FAILED=()
+step() { # NAME COMMAND...: run, remember a failure, go on
+    local name=$1
+    shift
+    if ! "$@"; then
+        printf '\033[1;31m---- FAILED: %s\033[0m\n' "$name"
+        FAILED+=("$name")
+    fi
+}
 
-runner=${TEST_RUNNER:-}
 if want workspace; then
-if [ -z "$runner" ]; then
-    if cargo nextest --version >/dev/null 2>&1; then runner=nextest; else runner=cargo; fi
-fi
-section "Tests: workspace ($runner)"
-case "$runner" in
-nextest)
-    cargo nextest run --workspace --all-targets --no-fail-fast
-    # nextest does not run doctests.
-    cargo test --workspace --doc --no-fail-fast
-    ;;
-cargo)
-    cargo test --workspace --all-targets --no-fail-fast
-    cargo test --workspace --doc --no-fail-fast
-    ;;
-*) die "TEST_RUNNER must be 'cargo' or 'nextest', not '$runner'" ;;
-esac
+    runner=${TEST_RUNNER:-}
+    if [ -z "$runner" ]; then
+        if cargo nextest --version >/dev/null 2>&1; then runner=nextest; else runner=cargo; fi
+    fi
+    section "Tests: workspace ($runner)"
+    case "$runner" in
+    nextest) step "workspace tests" cargo nextest run --workspace --all-targets --no-fail-fast ;;
+    cargo) step "workspace tests" cargo test --workspace --all-targets --no-fail-fast ;;
+    *) die "TEST_RUNNER must be 'cargo' or 'nextest', not '$runner'" ;;
+    esac
+    section "Tests: doctests"
+    # --all-targets leaves doctests out (and nextest cannot run them).
+    step "doctests" cargo test --workspace --doc --no-fail-fast
 fi
 
-# ---------------------------------------------------------------------------------------------
-if want fuzz; then
-section "Tests: fuzz crate (input encoding, seeds open, contract checks)"
-cargo test --manifest-path fuzz/Cargo.toml --lib
-fi
-
-# ---------------------------------------------------------------------------------------------
-if ! want fuzz; then
-    :
-elif [ "$FUZZ_SECONDS" -gt 0 ]; then
-    # cargo-fuzz builds with -Zsanitizer=address, a nightly-only flag. The machine has only the
-    # stable toolchain, and RUSTC_BOOTSTRAP=1 lets stable accept it (see fuzz/README.md).
-    export RUSTC_BOOTSTRAP=1
-    section "Fuzz: build (${FUZZ_TARGETS[*]}; AddressSanitizer)"
-    cargo fuzz build --fuzz-dir fuzz
-
-    failed=()
-    for t in "${FUZZ_TARGETS[@]}"; do
-        section "Fuzz: $t for ${FUZZ_SECONDS}s"
-        seeds="fuzz/corpus/$t"
-        [ -n "$(ls -A "$seeds" 2>/dev/null)" ] || die "seed corpus $seeds is empty (run fuzz/make-corpus.sh)"
-        # New inputs go to a scratch directory (the first corpus argument) so the committed
-        # seed corpus stays as committed.
-        scratch=$(mktemp -d)
-        # libFuzzer prints a line per new input: keep that in a log, show the summary (or, on
-        # failure, the end of the log with the crash report).
-        log=$scratch.log
-        if cargo fuzz run --fuzz-dir fuzz "$t" "$scratch" "$seeds" -- \
-            -max_total_time="$FUZZ_SECONDS" -max_len=262144 -timeout=30 \
-            -rss_limit_mb=2048 -print_final_stats=1 </dev/null >"$log" 2>&1; then
-            grep -E '^(INFO: seed corpus|#[0-9]+[[:space:]]+(INITED|DONE)|Done |stat::)' "$log" || true
-            echo "$t: no crash in ${FUZZ_SECONDS}s ($(ls "$scratch" | wc -l) new corpus entries)"
-        else
-            tail -n 80 "$log"
-            failed+=("$t")
-            echo "$t: FAILED. Reproduce: RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz $t fuzz/artifacts/$t/<file>"
-            echo "  see the file it describes: cargo run --manifest-path fuzz/Cargo.toml --bin encode_corpus decode fuzz/artifacts/$t/<file> /tmp/disk"
-            ls -l "fuzz/artifacts/$t" 2>/dev/null || true
-        fi
+fuzz_target() { # TARGET: run one cargo-fuzz target for FUZZ_SECONDS from the committed seeds
+    local t=$1 seeds="fuzz/corpus/$1" scratch log
+    [ -n "$(ls -A "$seeds" 2>/dev/null)" ] || {
+        echo "seed corpus $seeds is empty (run fuzz/make-corpus.sh)"
+        return 1
+    }
+    # New inputs go to a scratch directory (the first corpus argument) so the committed seed
+    # corpus stays as committed. libFuzzer prints a line per new input: that goes to a log; we
+    # show the summary, or on failure the end of the log with the crash report.
+    scratch=$(mktemp -d)
+    log=$scratch.log
+    if cargo fuzz run --fuzz-dir fuzz "$t" "$scratch" "$seeds" -- \
+        -max_total_time="$FUZZ_SECONDS" -max_len=262144 -timeout=30 \
+        -rss_limit_mb=2048 -print_final_stats=1 </dev/null >"$log" 2>&1; then
+        grep -E '^(INFO: seed corpus|#[0-9]+[[:space:]]+(INITED|DONE)|Done |stat::)' "$log" || true
+        echo "$t: no crash in ${FUZZ_SECONDS}s ($(ls "$scratch" | wc -l) new corpus entries)"
         rm -rf "$scratch" "$log"
-    done
-    [ ${#failed[@]} -eq 0 ] || die "fuzz targets found crashes: ${failed[*]}"
-else
-    section "Fuzz: skipped (FUZZ_SECONDS=0)"
+    else
+        tail -n 80 "$log"
+        echo "$t: FAILED. Reproduce: RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz $t fuzz/artifacts/$t/<file>"
+        echo "  the file it describes: cargo run --manifest-path fuzz/Cargo.toml --bin encode_corpus decode fuzz/artifacts/$t/<file> /tmp/disk"
+        ls -l "fuzz/artifacts/$t" 2>/dev/null || true
+        rm -rf "$scratch" "$log"
+        return 1
+    fi
+}
+
+if want fuzz; then
+    section "Tests: fuzz crate (input encoding, seeds open, contract checks)"
+    step "fuzz crate tests" cargo test --manifest-path fuzz/Cargo.toml --lib
+    if [ "$FUZZ_SECONDS" -gt 0 ]; then
+        # cargo-fuzz builds with -Zsanitizer=address, a nightly-only flag. The machine has only
+        # the stable toolchain, and RUSTC_BOOTSTRAP=1 lets stable accept it (fuzz/README.md).
+        export RUSTC_BOOTSTRAP=1
+        section "Fuzz: build (${FUZZ_TARGETS[*]}; AddressSanitizer)"
+        if step "fuzz build" cargo fuzz build --fuzz-dir fuzz && [ ${#FAILED[@]} -eq 0 ] || true; then
+            :
+        fi
+        for t in "${FUZZ_TARGETS[@]}"; do
+            section "Fuzz: $t for ${FUZZ_SECONDS}s"
+            step "fuzz $t" fuzz_target "$t"
+        done
+    else
+        section "Fuzz: skipped (FUZZ_SECONDS=0)"
+    fi
 fi
 
+if [ ${#FAILED[@]} -gt 0 ]; then
+    die "failed after $((SECONDS - START))s: ${FAILED[*]}"
+fi
 section "All tests passed in $((SECONDS - START))s"

@@ -10,7 +10,7 @@
 //!   bare filesystems without a table.
 //! - `ntfs`, `fat`, `exfat`, `ext`: the filesystems.
 //! - [`probe`]: recognise the filesystem in a volume and open it.
-//! - [`error`]: errors.
+//! - [`error`] holds the error type.
 
 pub mod error;
 pub mod fs;
