@@ -55,9 +55,10 @@ else
     # directory structure. (Files under 64 MiB: a few huge blobs would make it less realistic.)
     # (awk stops reading at the budget, so find and sort die of SIGPIPE: not an error here.)
     set +o pipefail
-    find /usr/bin /usr/lib /usr/share /usr/libexec /usr/include -xdev -type f -size -64M \
-        -printf '%p\t%s\0' 2>/dev/null |
-        sort -z |
+    # Binaries, headers, documentation and data first, then libraries fill the budget.
+    for d in /usr/bin /usr/include /usr/libexec /usr/share /usr/lib; do
+        find "$d" -xdev -type f -size -64M -printf '%p\t%s\0' 2>/dev/null | sort -z
+    done |
         awk -v RS='\0' -v ORS='\0' -v budget="$budget" -F'\t' \
             '{ total += $2; if (total > budget) exit; print $1 }' |
         tar --null --no-recursion -T - -cf - 2>/dev/null | tar -xf - -C "$staging"

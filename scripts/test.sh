@@ -160,13 +160,14 @@ if want fuzz; then
         # the stable toolchain, and RUSTC_BOOTSTRAP=1 lets stable accept it (fuzz/README.md).
         export RUSTC_BOOTSTRAP=1
         section "Fuzz: build (${FUZZ_TARGETS[*]}; AddressSanitizer)"
-        if step "fuzz build" cargo fuzz build --fuzz-dir fuzz && [ ${#FAILED[@]} -eq 0 ] || true; then
-            :
+        if cargo fuzz build --fuzz-dir fuzz; then
+            for t in "${FUZZ_TARGETS[@]}"; do
+                section "Fuzz: $t for ${FUZZ_SECONDS}s"
+                step "fuzz $t" fuzz_target "$t"
+            done
+        else
+            FAILED+=("fuzz build")
         fi
-        for t in "${FUZZ_TARGETS[@]}"; do
-            section "Fuzz: $t for ${FUZZ_SECONDS}s"
-            step "fuzz $t" fuzz_target "$t"
-        done
     else
         section "Fuzz: skipped (FUZZ_SECONDS=0)"
     fi

@@ -106,6 +106,15 @@ pub trait GuestFs: Send + Sync {
     ) -> Result<usize>;
     fn read_link(&self, node: NodeId) -> Result<LinkTarget>;
 
+    /// Identity of a directory's *content*: two directory nodes with the same key list the same
+    /// entries. On a corrupt or hostile volume a directory entry can point back at an ancestor
+    /// (a loop); recursive walkers keep the keys of the directories on their current path and
+    /// skip an entry whose key is already there. Usually the node itself; FAT/exFAT, whose node
+    /// ids are directory-entry positions, return the directory's first cluster.
+    fn dir_key(&self, node: NodeId) -> Result<u64> {
+        Ok(node)
+    }
+
     /// Resolve a guest path ("/" or "\\" separated, case rules of the filesystem) from the root,
     /// without following symlinks in the last component.
     fn lookup(&self, path: &str) -> Result<NodeId> {

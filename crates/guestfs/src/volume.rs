@@ -67,3 +67,80 @@ impl Volume {
         }
     }
 }
+
+impl std::fmt::Debug for Volume {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Volume")
+            .field("start", &self.start)
+            .field("length", &self.length)
+            .finish()
+    }
+}
+
+impl Volume {
+    /// A volume over bytes in memory (fuzzers, hostile-image tests): the whole buffer is one
+    /// disk with 512-byte sectors.
+    pub fn from_bytes(data: Vec<u8>) -> Volume {
+        Volume::whole(Arc::new(MemDisk::new(data, 512)))
+    }
+}
+
+/// A disk held in memory. Parsers take untrusted bytes through it exactly as they take a VHDX.
+pub struct MemDisk {
+    data: Vec<u8>,
+    sector_size: u32,
+}
+
+impl MemDisk {
+    pub fn new(data: Vec<u8>, sector_size: u32) -> MemDisk {
+        MemDisk { data, sector_size }
+    }
+}
+
+impl VirtualDisk for MemDisk {
+    fn geometry(&self) -> vdisk::Geometry {
+        vdisk::Geometry {
+            virtual_size: self.data.len() as u64,
+            logical_sector_size: self.sector_size,
+            physical_sector_size: self.sector_size,
+        }
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> vdisk::Result<()> {
+        vdisk::disk::check_range(offset, buf.len() as u64, self.data.len() as u64)?;
+        let start = offset as usize;
+        buf.copy_from_slice(&self.data[start..start + buf.len()]);
+        Ok(())
+    }
+
+    fn map(
+        &self,
+        offset: u64,
+        length: u64,
+        _scope: vdisk::MapScope,
+    ) -> vdisk::Result<Vec<vdisk::Extent>> {
+        let size = self.data.len() as u64;
+        let start = offset.min(size);
+        let end = offset.saturating_add(length).min(size);
+        let mut out = Vec::new();
+        vdisk::disk::push_extent(&mut out, start, end - start, vdisk::ExtentState::Data);
+        Ok(out)
+    }
+
+    fn info(&self) -> vdisk::DiskInfo {
+        vdisk::DiskInfo {
+            path: None,
+            format: vdisk::DiskFormat::Raw,
+            subformat: vdisk::Subformat::Fixed,
+            virtual_size: self.data.len() as u64,
+            block_size: None,
+            logical_sector_size: self.sector_size,
+            physical_sector_size: self.sector_size,
+            file_size: self.data.len() as u64,
+            allocated_bytes: self.data.len() as u64,
+            identifier: None,
+            details: vec![("backing".into(), "memory".into())],
+            parent: None,
+        }
+    }
+}

@@ -102,9 +102,10 @@ pub enum Command {
         /// Read and authenticate every pack.
         #[arg(long, conflicts_with = "read_data_subset")]
         read_data: bool,
-        /// Read this share of the packs, e.g. 10%.
-        #[arg(long, value_parser = parse_percent, value_name = "N%")]
-        read_data_subset: Option<f64>,
+        /// Read a share of the packs: N% (a random selection) or n/t (group n of t; reading
+        /// groups 1/t .. t/t on successive runs covers every pack).
+        #[arg(long, value_name = "N%")]
+        read_data_subset: Option<String>,
     },
     /// Repository statistics: snapshots, sizes, deduplication and compression.
     #[command(after_help = PASSWORD_HELP)]
@@ -319,14 +320,6 @@ fn parse_chunk_size(s: &str) -> Result<u32, String> {
         ));
     }
     Ok(v as u32)
-}
-
-fn parse_percent(s: &str) -> Result<f64, String> {
-    let n = s.trim().trim_end_matches('%').trim();
-    match n.parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= 100.0 => Ok(v),
-        _ => Err(format!("{s:?} is not a percentage between 0 and 100 (e.g. 10%)")),
-    }
 }
 
 fn parse_tag(s: &str) -> Result<(String, String), String> {

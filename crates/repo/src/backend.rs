@@ -79,6 +79,12 @@ pub trait Backend: Send + Sync {
     fn create_layout(&self) -> Result<()> {
         Ok(())
     }
+    /// Remove leftovers of interrupted puts older than `older_than` (prune calls this; object
+    /// stores have none). Returns (count, bytes) removed.
+    fn remove_stale_temp_files(&self, older_than: std::time::Duration) -> Result<(u64, u64)> {
+        let _ = older_than;
+        Ok((0, 0))
+    }
 }
 
 /// A repository in a local directory (the embedded default).
@@ -130,11 +136,26 @@ impl LocalBackend {
                 e,
             )
         } else {
-            Error::io(format!("{doing} {key} in the repository at {}", self.location()), e)
+            Error::io(
+                format!("{doing} {key} in the repository at {}", self.location()),
+                e,
+            )
         }
     }
 
     fn write_temp_and_rename(&self, path: &Path, data: &[u8]) -> std::io::Result<()> {
+        self.write_temp_and_rename_with(path, data, &|tmp| {
+            File::options().write(true).create_new(true).open(tmp)
+        })
+    }
+
+    /// `open_temp` creates the temp file; tests substitute one that fails like a full disk.
+    fn write_temp_and_rename_with(
+        &self,
+        path: &Path,
+        data: &[u8],
+        open_temp: &dyn Fn(&Path) -> std::io::Result<File>,
+    ) -> std::io::Result<()> {
         let dir = path.parent().unwrap_or(Path::new("."));
         let file_name = path
             .file_name()
@@ -142,15 +163,18 @@ impl LocalBackend {
             .unwrap_or_default();
         let mut rnd = [0u8; 8];
         crate::crypto::random_bytes(&mut rnd);
-        let tmp = dir.join(format!("{file_name}{TEMP_MARKER}{}", crate::crypto::to_hex(&rnd)));
-        let mut file = match File::options().write(true).create_new(true).open(&tmp) {
+        let tmp = dir.join(format!(
+            "{file_name}{TEMP_MARKER}{}",
+            crate::crypto::to_hex(&rnd)
+        ));
+        let mut file = match open_temp(&tmp) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // A directory missing (a repository made by a tool that creates directories
                 // lazily, or a deleted subdirectory): objects stores have no directories, so
                 // neither may we depend on them existing.
                 fs::create_dir_all(dir)?;
-                File::options().write(true).create_new(true).open(&tmp)?
+                open_temp(&tmp)?
             }
             Err(e) => return Err(e),
         };
@@ -199,9 +223,7 @@ fn check_name(kind: ObjectKind, name: &str) -> Result<()> {
     let ok = match kind {
         ObjectKind::Config => name == CONFIG_NAME,
         ObjectKind::Pack => {
-            name.len() >= 2
-                && name.len() <= 128
-                && name.bytes().all(|b| b.is_ascii_hexdigit())
+            name.len() >= 2 && name.len() <= 128 && name.bytes().all(|b| b.is_ascii_hexdigit())
         }
         _ => {
             !name.is_empty()
@@ -235,7 +257,9 @@ impl Backend for LocalBackend {
         let path = self.path(kind, name)?;
         match fs::read(&path) {
             Ok(d) => Ok(d),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::Missing(kind.key(name))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(Error::Missing(kind.key(name)))
+            }
             Err(e) => Err(self.io_error("reading", kind, name, e)),
         }
     }
@@ -262,7 +286,9 @@ impl Backend for LocalBackend {
             ));
         }
         let len = usize::try_from(length).map_err(|_| {
-            Error::InvalidArgument(format!("range of {length} bytes is too large to read at once"))
+            Error::InvalidArgument(format!(
+                "range of {length} bytes is too large to read at once"
+            ))
         })?;
         let mut buf = vec![0u8; len];
         file.seek(SeekFrom::Start(offset))
@@ -293,15 +319,20 @@ impl Backend for LocalBackend {
                     Err(e) => return Err(Error::io(format!("listing {}", data.display()), e)),
                 };
                 for sub in subdirs {
-                    let sub = sub.map_err(|e| Error::io(format!("listing {}", data.display()), e))?;
+                    let sub =
+                        sub.map_err(|e| Error::io(format!("listing {}", data.display()), e))?;
                     let sub_name = sub.file_name().to_string_lossy().into_owned();
                     if sub_name.len() != 2 || !sub_name.bytes().all(|b| b.is_ascii_hexdigit()) {
                         continue;
                     }
-                    list_dir(&sub.path(), &mut out, |n| n.starts_with(&sub_name))?;
+                    list_dir(&sub.path(), &mut out, |n| {
+                        n.starts_with(&sub_name) && check_name(kind, n).is_ok()
+                    })?;
                 }
             }
-            _ => list_dir(&self.root.join(kind.prefix()), &mut out, |_| true)?,
+            _ => list_dir(&self.root.join(kind.prefix()), &mut out, |n| {
+                check_name(kind, n).is_ok()
+            })?,
         }
         Ok(out)
     }
@@ -326,6 +357,44 @@ impl Backend for LocalBackend {
             .map_err(|e| self.io_error("looking for", kind, name, e))
     }
 
+    fn remove_stale_temp_files(&self, older_than: std::time::Duration) -> Result<(u64, u64)> {
+        let now = SystemTime::now();
+        let mut dirs = vec![self.root.clone()];
+        for kind in [
+            ObjectKind::Key,
+            ObjectKind::Index,
+            ObjectKind::Snapshot,
+            ObjectKind::Lock,
+        ] {
+            dirs.push(self.root.join(kind.prefix()));
+        }
+        for i in 0..=255u8 {
+            dirs.push(self.root.join("data").join(format!("{i:02x}")));
+        }
+        let (mut count, mut bytes) = (0u64, 0u64);
+        for dir in dirs {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if !e.file_name().to_string_lossy().contains(TEMP_MARKER) {
+                    continue;
+                }
+                let Ok(meta) = e.metadata() else { continue };
+                let old = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| now.duration_since(m).ok())
+                    .is_some_and(|age| age >= older_than);
+                if meta.is_file() && old && fs::remove_file(e.path()).is_ok() {
+                    count += 1;
+                    bytes += meta.len();
+                }
+            }
+        }
+        Ok((count, bytes))
+    }
+
     fn create_layout(&self) -> Result<()> {
         let mk = |p: PathBuf| {
             fs::create_dir_all(&p).map_err(|e| {
@@ -336,8 +405,37 @@ impl Backend for LocalBackend {
                 }
             })
         };
+        // Only into a new or empty directory (or one holding just our layout): `init` on the
+        // wrong path must not scatter directories among someone's files.
+        match fs::read_dir(&self.root) {
+            Ok(entries) => {
+                let ours = ["keys", "data", "index", "snapshots", "locks"];
+                for e in entries.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if !ours.contains(&name.as_str()) {
+                        return Err(Error::InvalidArgument(format!(
+                            "{} is not empty (it holds {name:?}); choose a new or empty directory \
+                             for the repository",
+                            self.location()
+                        )));
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Error::io(
+                    format!("cannot use {} for a repository", self.location()),
+                    e,
+                ))
+            }
+        }
         mk(self.root.clone())?;
-        for kind in [ObjectKind::Key, ObjectKind::Index, ObjectKind::Snapshot, ObjectKind::Lock] {
+        for kind in [
+            ObjectKind::Key,
+            ObjectKind::Index,
+            ObjectKind::Snapshot,
+            ObjectKind::Lock,
+        ] {
             mk(self.root.join(kind.prefix()))?;
         }
         for i in 0..=255u8 {
@@ -386,7 +484,10 @@ mod tests {
     fn put_get_list_delete_range() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("repo");
-        assert!(matches!(LocalBackend::open(&root), Err(Error::NoRepository(_))));
+        assert!(matches!(
+            LocalBackend::open(&root),
+            Err(Error::NoRepository(_))
+        ));
         let b = LocalBackend::new(&root);
         b.create_layout().unwrap();
         assert!(root.join("data/00").is_dir() && root.join("data/ff").is_dir());
@@ -418,8 +519,10 @@ mod tests {
         assert_eq!(names[0].size, 11);
         assert!(names[0].modified.is_some());
 
-        // Temp files (a crashed put) are never listed.
+        // Temp files (a crashed put) and foreign files are never listed.
         std::fs::write(root.join("index").join(format!("{p1}.tmp-0011")), b"x").unwrap();
+        std::fs::write(root.join("index").join("notes.txt"), b"x").unwrap();
+        std::fs::write(root.join("data/aa/README"), b"x").unwrap();
         b.put(ObjectKind::Index, &p2, b"idx").unwrap();
         let idx = b.list(ObjectKind::Index).unwrap();
         assert_eq!(idx.len(), 1);
@@ -442,6 +545,21 @@ mod tests {
             Err(Error::Missing(_))
         ));
         assert_eq!(b.list(ObjectKind::Config).unwrap().len(), 1);
+        assert_eq!(b.list(ObjectKind::Pack).unwrap().len(), 1);
+        // The crashed put's temp file goes when old enough, not before.
+        let tmp = root.join("index").join(format!("{p1}.tmp-0011"));
+        assert_eq!(
+            b.remove_stale_temp_files(std::time::Duration::from_secs(3600))
+                .unwrap(),
+            (0, 0)
+        );
+        assert!(tmp.exists());
+        assert_eq!(
+            b.remove_stale_temp_files(std::time::Duration::ZERO)
+                .unwrap(),
+            (1, 1)
+        );
+        assert!(!tmp.exists());
         assert!(b.list(ObjectKind::Snapshot).unwrap().is_empty());
     }
 
@@ -476,17 +594,33 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn no_space_error_is_clear_and_leaves_nothing() {
-        let e = std::io::Error::from_raw_os_error(libc::ENOSPC);
         let dir = tempfile::tempdir().unwrap();
         let b = LocalBackend::new(dir.path());
-        let err = b.io_error("writing", ObjectKind::Pack, &hexname('d'), e);
-        let msg = err.to_string();
+        b.create_layout().unwrap();
+        let name = hexname('d');
+        let path = b.path(ObjectKind::Pack, &name).unwrap();
+        // The temp file is created as usual, but the handle written to is /dev/full, where
+        // every write fails with ENOSPC exactly as on a full file system.
+        let full_disk = |tmp: &Path| {
+            File::options().write(true).create_new(true).open(tmp)?;
+            File::options().write(true).open("/dev/full")
+        };
+        let e = b
+            .write_temp_and_rename_with(&path, &[7u8; 100_000], &full_disk)
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC));
+        let msg = b
+            .io_error("writing", ObjectKind::Pack, &name, e)
+            .to_string();
         assert!(msg.contains("no space left"), "{msg}");
         assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
-        assert!(msg.contains(&format!("data/dd/{}", hexname('d'))), "{msg}");
-
-        // The ENOSPC-specific part is this mapping; removing the temp file on failure is
-        // shared with every write failure and tested in `failed_put_leaves_no_temp_file`.
+        assert!(msg.contains(&format!("data/dd/{name}")), "{msg}");
+        // Nothing visible, nothing left behind.
+        assert!(!b.exists(ObjectKind::Pack, &name).unwrap());
+        let left = std::fs::read_dir(dir.path().join("data/dd"))
+            .unwrap()
+            .count();
+        assert_eq!(left, 0);
     }
 
     /// Any failure after the temp file exists removes it and leaves no object.

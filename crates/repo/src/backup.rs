@@ -38,7 +38,7 @@ use vdisk::{DiskFormat, ExtentState, MapScope, OpenOptions, VirtualDisk};
 
 use crate::backend::ObjectKind;
 use crate::crypto::Id;
-use crate::index::Index;
+use crate::index::{Index, IndexFile, IndexPack};
 use crate::pack::{self, BlobEntry, BlobKind, PackWriter};
 use crate::repository::Repository;
 use crate::snapshot::{
@@ -128,15 +128,14 @@ impl Source {
     fn read(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let res = match &self.kind {
             SourceKind::Disk { disk, .. } => disk.read_at(buf, offset).map_err(|e| e.to_string()),
-            SourceKind::File { file, .. } => {
-                vdisk::ReadAt::read_exact_at(file, buf, offset).map_err(|e| {
+            SourceKind::File { file, .. } => vdisk::ReadAt::read_exact_at(file, buf, offset)
+                .map_err(|e| {
                     if e.kind() == std::io::ErrorKind::UnexpectedEof {
                         "the file ended early: it shrank during the backup".to_string()
                     } else {
                         e.to_string()
                     }
-                })
-            }
+                }),
         };
         res.map_err(|detail| {
             Error::io(
@@ -430,9 +429,8 @@ fn packer(run: &Run<'_>, rx: Receiver<Blob>) -> Result<Packed> {
     let mut out = Packed::default();
     let mut writer = PackWriter::new(pack_size);
     let flush = |writer: PackWriter, out: &mut Packed| -> Result<()> {
-        let (id, bytes, entries) = writer.finish(repo.key());
-        repo.backend().put(ObjectKind::Pack, &id.to_hex(), &bytes)?;
-        out.bytes_stored += bytes.len() as u64;
+        let (id, size, entries) = repo.save_pack(writer)?;
+        out.bytes_stored += size;
         out.packs.push((id, entries));
         Ok(())
     };
@@ -459,7 +457,7 @@ fn packer(run: &Run<'_>, rx: Receiver<Blob>) -> Result<Packed> {
             }
         }
     }
-    if !run.abort.load(Ordering::SeqCst) && writer.len() > 0 {
+    if !run.abort.load(Ordering::SeqCst) && !writer.is_empty() {
         flush(writer, &mut out)?;
     }
     Ok(out)
@@ -589,6 +587,9 @@ pub fn backup(
         }
     };
 
+    // Shared: other backups may run at once, prune may not (it could delete packs this run
+    // deduplicates against).
+    let _lock = repo.lock_shared("backup")?;
     let index = repo.load_index()?;
 
     // Plan every source.
@@ -686,9 +687,9 @@ pub fn backup(
         for _ in 0..threads {
             let tx = tx.clone();
             let (run, next, jobs, sources) = (&run, &next, &jobs, &sources);
-            workers.push(scope.spawn(move || {
-                worker(run, next, jobs, sources, chunk_size, &tx, progress)
-            }));
+            workers.push(
+                scope.spawn(move || worker(run, next, jobs, sources, chunk_size, &tx, progress)),
+            );
         }
         for w in workers {
             match w.join() {
@@ -745,7 +746,18 @@ pub fn backup(
 
     // Index of the new packs, then the snapshot.
     if !packed.packs.is_empty() {
-        crate::index::write_index(repo, &packed.packs, &[])?;
+        let file = IndexFile {
+            packs: packed
+                .packs
+                .iter()
+                .map(|(id, blobs)| IndexPack {
+                    id: *id,
+                    blobs: blobs.clone(),
+                })
+                .collect(),
+            supersedes: Vec::new(),
+        };
+        repo.save_index(&file)?;
     }
 
     let mut disks = Vec::new();
@@ -884,7 +896,11 @@ mod tests {
     fn touched_chunks_merge_and_clip() {
         let cs = 1 << 20;
         assert_eq!(
-            touched_chunks(&[(0, 1), (1, 10), (3 << 20, (1 << 20) + 1), (100 << 20, 5)], cs, 50),
+            touched_chunks(
+                &[(0, 1), (1, 10), (3 << 20, (1 << 20) + 1), (100 << 20, 5)],
+                cs,
+                50
+            ),
             vec![(0, 1), (3, 5)]
         );
         assert_eq!(touched_chunks(&[(cs, 0)], cs, 50), vec![]);

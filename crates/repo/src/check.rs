@@ -146,7 +146,13 @@ impl std::fmt::Display for Problem {
         write!(f, "{}: {}", self.object, self.detail)?;
         for a in &self.affected {
             if a.item.is_empty() {
-                write!(f, "\n  affects snapshot {} ({} {})", snapshot::short_id(&a.snapshot), a.vm, a.time)?;
+                write!(
+                    f,
+                    "\n  affects snapshot {} ({} {})",
+                    snapshot::short_id(&a.snapshot),
+                    a.vm,
+                    a.time
+                )?;
             } else {
                 write!(
                     f,
@@ -205,9 +211,14 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
     // A shared lock: prune (exclusive) must not delete packs under our feet, which would show
     // up as false "missing pack" errors. Backups may run beside us; the objects they add are
     // written packs first, so an index never names a pack that does not exist yet.
-    let _lock = crate::lock::Lock::acquire(repo, false, "check")?;
+    let _lock = crate::lock::acquire(repo, false, "check")?;
     let mut report = CheckReport::default();
     let mut problems: Vec<Problem> = Vec::new();
+
+    // Listing order matters beside a running backup, which writes packs, then an index, then
+    // the snapshot: snapshots are listed first, then indexes, then packs, so everything a
+    // listed snapshot needs was already written when its listing happened.
+    let snapshot_names = repo.backend().list(ObjectKind::Snapshot)?;
 
     // Key slots.
     for info in repo.backend().list(ObjectKind::Key)? {
@@ -234,7 +245,12 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
         let file: IndexFile = match repo.load_json(ObjectKind::Index, &info.name) {
             Ok(f) => f,
             Err(e) => {
-                push(&mut problems, format!("index {}", info.name), describe(&e), vec![]);
+                push(
+                    &mut problems,
+                    format!("index {}", info.name),
+                    describe(&e),
+                    vec![],
+                );
                 continue;
             }
         };
@@ -245,7 +261,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
                 Some(rec) => {
                     if !same_entries(&rec.entries, &entries) {
                         push(
-                &mut problems,
+                            &mut problems,
                             format!("index {}", info.name),
                             format!(
                                 "lists pack {} with other blobs than index {} does",
@@ -296,7 +312,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
         match expected_pack_size(&rec.entries) {
             Err(why) => {
                 push(
-                &mut problems,
+                    &mut problems,
                     format!("index {}", rec.indexes[0]),
                     format!("entries for pack {name} are impossible: {why}"),
                     lost,
@@ -306,7 +322,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
             }
             Ok(size) if size != info.size => {
                 push(
-                &mut problems,
+                    &mut problems,
                     format!("pack {name}"),
                     format!(
                         "is {} bytes, its index entries imply {size} (truncated or extended)",
@@ -336,7 +352,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
 
     // Snapshots.
     let mut snaps: Vec<(String, Snapshot)> = Vec::new();
-    for info in repo.backend().list(ObjectKind::Snapshot)? {
+    for info in snapshot_names {
         match snapshot::load_snapshot(repo, &info.name) {
             Ok(s) => snaps.push((info.name, s)),
             Err(Error::Missing(_)) => {} // forgotten while we listed
@@ -406,7 +422,11 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
                 }
                 Err(e) => problems.push(Problem {
                     object,
-                    detail: format!("disk '{}': chunk table unreadable: {}", disk.name, describe(&e)),
+                    detail: format!(
+                        "disk '{}': chunk table unreadable: {}",
+                        disk.name,
+                        describe(&e)
+                    ),
                     affected: vec![],
                     lost: disk.tables.clone(),
                 }),
@@ -442,11 +462,16 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
             if bad_packs.contains(id) || !opts.read_data.selects(&name) {
                 continue;
             }
-            let Some(info) = stored.get(&name) else { continue };
+            let Some(info) = stored.get(&name) else {
+                continue;
+            };
             if info.size > cap {
                 problems.push(Problem {
                     object: format!("pack {name}"),
-                    detail: format!("is {} bytes, far larger than any pack hyperkeep writes", info.size),
+                    detail: format!(
+                        "is {} bytes, far larger than any pack hyperkeep writes",
+                        info.size
+                    ),
                     affected: vec![],
                     lost: rec.entries.iter().map(|e| e.id).collect(),
                 });
@@ -478,7 +503,12 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
 }
 
 /// Read-data checks of one pack already in memory. Returns blobs verified and problems.
-fn verify_pack(repo: &Repository, name: &str, bytes: &[u8], entries: &[BlobEntry]) -> (u64, Vec<Problem>) {
+fn verify_pack(
+    repo: &Repository,
+    name: &str,
+    bytes: &[u8],
+    entries: &[BlobEntry],
+) -> (u64, Vec<Problem>) {
     let mut problems = Vec::new();
     let object = format!("pack {name}");
     let hash_ok = crypto::hash(bytes).to_hex() == name;
@@ -553,7 +583,7 @@ fn verify_blob(
         pack_id,
         e,
         &pack_bytes[start..end],
-        max_blob_len(repo),
+        repo.max_blob_len(),
     )
     .map(|_| ())
     .map_err(|err| match err {
@@ -561,11 +591,6 @@ fn verify_blob(
         Error::Corrupt { detail, .. } => detail,
         other => other.to_string(),
     })
-}
-
-/// The largest raw blob this repository can hold: a data chunk, or a full chunk-table blob.
-fn max_blob_len(repo: &Repository) -> u32 {
-    (repo.config().chunk_size as u32).max((snapshot::TABLE_BLOB_ENTRIES * 32) as u32)
 }
 
 /// Size a pack must have given all its blob entries: the blobs back to back from offset 0,
@@ -612,8 +637,16 @@ fn describe(e: &Error) -> String {
 
 /// Fill in `affected` for every problem that lost blobs: which snapshots reference them, and
 /// in which disk or file.
-fn attribute(repo: &Repository, index: &Index, snaps: &[(String, Snapshot)], problems: &mut [Problem]) {
-    let lost: HashSet<Id> = problems.iter().flat_map(|p| p.lost.iter().copied()).collect();
+fn attribute(
+    repo: &Repository,
+    index: &Index,
+    snaps: &[(String, Snapshot)],
+    problems: &mut [Problem],
+) {
+    let lost: HashSet<Id> = problems
+        .iter()
+        .flat_map(|p| p.lost.iter().copied())
+        .collect();
     if lost.is_empty() {
         return;
     }
@@ -622,7 +655,12 @@ fn attribute(repo: &Repository, index: &Index, snaps: &[(String, Snapshot)], pro
     for (n, (_, snap)) in snaps.iter().enumerate() {
         for disk in &snap.disks {
             let key = (n, disk.name.clone());
-            let lost_tables: Vec<Id> = disk.tables.iter().filter(|t| lost.contains(t)).copied().collect();
+            let lost_tables: Vec<Id> = disk
+                .tables
+                .iter()
+                .filter(|t| lost.contains(t))
+                .copied()
+                .collect();
             if !lost_tables.is_empty() {
                 uses.entry(key).or_default().extend(lost_tables);
                 continue;

@@ -15,7 +15,7 @@
 //! We use the RustCrypto `chacha20poly1305` and `argon2` crates and the reference `blake3`
 //! crate: cryptographic primitives are the one place where we do not write our own.
 
-use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
@@ -97,7 +97,7 @@ pub fn to_hex(bytes: &[u8]) -> String {
 /// Parse hex of any even length; `None` if malformed.
 pub fn from_hex(s: &str) -> Option<Vec<u8>> {
     let b = s.as_bytes();
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return None;
     }
     b.chunks_exact(2)
@@ -141,7 +141,8 @@ impl<'de> Deserialize<'de> for Id {
                 f.write_str("an id of 64 hex digits")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Id, E> {
-                Id::from_hex(v).map_err(|_| E::custom(format!("{v:?} is not an id of 64 hex digits")))
+                Id::from_hex(v)
+                    .map_err(|_| E::custom(format!("{v:?} is not an id of 64 hex digits")))
             }
         }
         d.deserialize_str(V)
@@ -235,15 +236,17 @@ impl MasterKey {
 
 fn seal_with(key: &[u8; 32], plaintext: &[u8]) -> Vec<u8> {
     let cipher = XChaCha20Poly1305::new(key.into());
-    let mut nonce = [0u8; NONCE_LEN];
-    random_bytes(&mut nonce);
+    let mut out = Vec::with_capacity(SEAL_OVERHEAD + plaintext.len());
+    out.resize(NONCE_LEN, 0);
+    random_bytes(&mut out[..NONCE_LEN]);
+    out.extend_from_slice(plaintext);
+    // In place: chunks are a MiB each, and a second buffer per chunk would cost a copy.
+    let (nonce, body) = out.split_at_mut(NONCE_LEN);
     // Encryption only fails for plaintexts beyond 256 GiB, which no caller produces.
-    let ct = cipher
-        .encrypt(XNonce::from_slice(&nonce), plaintext)
+    let tag = cipher
+        .encrypt_in_place_detached(XNonce::from_slice(nonce), b"", body)
         .expect("XChaCha20-Poly1305 plaintext too long");
-    let mut out = Vec::with_capacity(NONCE_LEN + ct.len());
-    out.extend_from_slice(&nonce);
-    out.extend_from_slice(&ct);
+    out.extend_from_slice(&tag);
     out
 }
 
@@ -305,7 +308,8 @@ impl KdfParams {
     fn derive(&self, password: &str, salt: &[u8]) -> Result<zeroize::Zeroizing<[u8; 32]>> {
         let params = argon2::Params::new(self.m_cost_kib, self.t_cost, self.p_cost, Some(32))
             .map_err(|e| Error::InvalidArgument(format!("invalid argon2id parameters: {e}")))?;
-        let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let argon =
+            argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let mut out = zeroize::Zeroizing::new([0u8; 32]);
         argon
             .hash_password_into(password.as_bytes(), salt, out.as_mut())
@@ -407,7 +411,8 @@ impl KeySlot {
         let plain = zeroize::Zeroizing::new(
             open_with(&wrapping, &sealed).map_err(|_| Error::WrongPassword)?,
         );
-        MasterKey::from_bytes(&plain).ok_or_else(|| Error::corrupt(&object, "wrapped key has the wrong length"))
+        MasterKey::from_bytes(&plain)
+            .ok_or_else(|| Error::corrupt(&object, "wrapped key has the wrong length"))
     }
 }
 
@@ -497,17 +502,29 @@ mod tests {
 
         let mut hostile = slot.clone();
         hostile.m_cost_kib = u32::MAX;
-        assert!(matches!(hostile.unlock("correct horse"), Err(Error::Corrupt { .. })));
+        assert!(matches!(
+            hostile.unlock("correct horse"),
+            Err(Error::Corrupt { .. })
+        ));
         let mut bad = slot.clone();
         bad.salt = "zz".into();
-        assert!(matches!(bad.unlock("correct horse"), Err(Error::Corrupt { .. })));
+        assert!(matches!(
+            bad.unlock("correct horse"),
+            Err(Error::Corrupt { .. })
+        ));
         let mut bad = slot.clone();
         bad.kdf = "scrypt".into();
-        assert!(matches!(bad.unlock("correct horse"), Err(Error::Corrupt { .. })));
+        assert!(matches!(
+            bad.unlock("correct horse"),
+            Err(Error::Corrupt { .. })
+        ));
         let mut bad = slot;
         let mut raw = from_hex(&bad.sealed_master).unwrap();
         raw[30] ^= 1;
         bad.sealed_master = to_hex(&raw);
-        assert!(matches!(bad.unlock("correct horse"), Err(Error::WrongPassword)));
+        assert!(matches!(
+            bad.unlock("correct horse"),
+            Err(Error::WrongPassword)
+        ));
     }
 }

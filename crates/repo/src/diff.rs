@@ -166,7 +166,10 @@ fn diff_disk(repo: &Repository, index: &Index, a: &DiskEntry, b: &DiskEntry) -> 
         if ta.is_some() && ta == tb {
             // Same blob id: same ids, same chunks (sizes equal here only if the disks' sizes
             // cover this part equally, which the same entries imply except for the last chunk).
-            if a.virtual_size == b.virtual_size || (first + TABLE_BLOB_ENTRIES as u64) * u64::from(a.chunk_size) <= a.virtual_size.min(b.virtual_size) {
+            if a.virtual_size == b.virtual_size
+                || (first + TABLE_BLOB_ENTRIES as u64) * u64::from(a.chunk_size)
+                    <= a.virtual_size.min(b.virtual_size)
+            {
                 continue;
             }
         }

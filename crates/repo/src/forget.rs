@@ -137,7 +137,9 @@ impl KeepDuration {
                 number = Some(n);
                 continue;
             }
-            let n = number.take().ok_or_else(|| bad("a unit without a number"))? as u32;
+            let n = number
+                .take()
+                .ok_or_else(|| bad("a unit without a number"))? as u32;
             let unit = c.to_ascii_lowercase();
             if seen.contains(unit) {
                 return Err(bad("a unit given twice"));
@@ -286,7 +288,9 @@ fn decide_group(
     }
 
     let buckets: [(&str, Option<u32>, PeriodFn); 5] = [
-        ("hourly", policy.hourly, |t| (t.year(), t.month(), t.day(), t.hour())),
+        ("hourly", policy.hourly, |t| {
+            (t.year(), t.month(), t.day(), t.hour())
+        }),
         ("daily", policy.daily, |t| (t.year(), t.month(), t.day(), 0)),
         ("weekly", policy.weekly, |t| {
             let w = t.iso_week();
@@ -398,6 +402,13 @@ pub fn forget(
     dry_run: bool,
     vm: Option<&str>,
 ) -> Result<ForgetReport> {
+    // A shared lock: forgetting beside a backup is safe (the data stays until prune), but it
+    // must not interleave with a prune's bookkeeping, which holds the exclusive lock.
+    let _lock = if dry_run {
+        None
+    } else {
+        Some(crate::lock::acquire(repo, false, "forget")?)
+    };
     let mut snaps = snapshot::list_snapshots(repo)?;
     if let Some(vm) = vm {
         snaps.retain(|(_, s)| s.vm == vm);
@@ -456,6 +467,7 @@ pub fn forget_ids(repo: &Repository, specs: &[String], dry_run: bool) -> Result<
     ids.sort();
     ids.dedup();
     if !dry_run {
+        let _lock = crate::lock::acquire(repo, false, "forget")?;
         for id in &ids {
             repo.backend().delete(ObjectKind::Snapshot, id)?;
         }
@@ -625,8 +637,14 @@ mod tests {
         assert_eq!(
             k,
             vec![
-                ("2026-10-30T20:00:00Z".into(), vec!["last".into(), "hourly".into()]),
-                ("2026-10-30T19:00:00Z".into(), vec!["last".into(), "hourly".into()]),
+                (
+                    "2026-10-30T20:00:00Z".into(),
+                    vec!["last".into(), "hourly".into()]
+                ),
+                (
+                    "2026-10-30T19:00:00Z".into(),
+                    vec!["last".into(), "hourly".into()]
+                ),
                 ("2026-10-30T18:00:00Z".into(), vec!["hourly".into()]),
                 ("2026-10-30T17:00:00Z".into(), vec!["hourly".into()]),
             ]
@@ -799,9 +817,17 @@ mod tests {
             k,
             vec![
                 ("a".into(), "2026-05-05".into(), vec!["last".into()]),
-                ("a".into(), "2026-05-01".into(), vec!["tag keep=forever".into()]),
+                (
+                    "a".into(),
+                    "2026-05-01".into(),
+                    vec!["tag keep=forever".into()]
+                ),
                 ("b".into(), "2026-05-05".into(), vec!["last".into()]),
-                ("b".into(), "2026-05-01".into(), vec!["tag keep=forever".into()]),
+                (
+                    "b".into(),
+                    "2026-05-01".into(),
+                    vec!["tag keep=forever".into()]
+                ),
             ]
         );
         // A wrong value does not match; a bare key matches any value.
@@ -817,12 +843,17 @@ mod tests {
         let d = run(&snaps, &p, t("2026-06-01T00:00:00Z"));
         assert_eq!(d.len(), 6);
         assert_eq!(d.iter().filter(|d| d.keep).count(), 2);
-        assert!(d.iter().all(|d| d.time[8..10] != *"02" && d.time[8..10] != *"04"));
+        assert!(d
+            .iter()
+            .all(|d| d.time[8..10] != *"02" && d.time[8..10] != *"04"));
     }
 
     #[test]
     fn unreadable_time_is_always_kept() {
-        let mut snaps = vec![snap("vm", t("2026-01-01T00:00:00Z")), snap("vm", t("2026-01-02T00:00:00Z"))];
+        let mut snaps = vec![
+            snap("vm", t("2026-01-01T00:00:00Z")),
+            snap("vm", t("2026-01-02T00:00:00Z")),
+        ];
         snaps.push(Snap {
             id: "zz".into(),
             vm: "vm".into(),

@@ -118,30 +118,44 @@ impl Index {
         n
     }
 
-    fn record(&mut self, pack: Id, blobs: &[BlobEntry]) -> impl Iterator<Item = Entry> + '_ {
+    fn record(&mut self, pack: Id, blobs: &[BlobEntry]) -> Vec<Entry> {
         let pack_no = self.pack_number(pack);
-        blobs.iter().map(move |b| Entry {
-            id: b.id.0,
-            offset: b.offset,
-            pack: pack_no,
-            stored_len: b.stored_len,
-            raw_len: b.raw_len,
-            flags: if b.kind == BlobKind::Tree { FLAG_TREE } else { 0 }
-                | if b.compressed { FLAG_COMPRESSED } else { 0 },
-        })
+        blobs
+            .iter()
+            .map(|b| Entry {
+                id: b.id.0,
+                offset: b.offset,
+                pack: pack_no,
+                stored_len: b.stored_len,
+                raw_len: b.raw_len,
+                flags: if b.kind == BlobKind::Tree {
+                    FLAG_TREE
+                } else {
+                    0
+                } | if b.compressed { FLAG_COMPRESSED } else { 0 },
+            })
+            .collect()
     }
 
     /// Bulk loading: append without keeping order; [`Index::finalize`] must follow.
     fn push_unsorted(&mut self, pack: Id, blobs: &[BlobEntry]) {
-        let new: Vec<Entry> = self.record(pack, blobs).collect();
+        let new = self.record(pack, blobs);
         self.entries.extend(new);
+    }
+
+    /// Bulk loading: add an index file's blobs without sorting; call [`Index::finalize`] after
+    /// the last one (lookups are wrong until then).
+    pub fn add_file_unsorted(&mut self, file: &IndexFile) {
+        for p in &file.packs {
+            self.push_unsorted(p.id, &p.blobs);
+        }
     }
 
     /// Add a pack's blobs (e.g. a pack the running backup just stored). Lookups see them at once.
     pub fn insert_pack(&mut self, pack: Id, blobs: &[BlobEntry]) {
-        let new: Vec<Entry> = self.record(pack, blobs).collect();
+        let new = self.record(pack, blobs);
         self.tail.extend(new);
-        self.tail.sort_unstable_by(|a, b| a.id.cmp(&b.id));
+        self.tail.sort_unstable_by_key(|e| e.id);
         // Merge when the tail is a sizeable fraction of the table: amortised O(1) per entry, and
         // the tail's binary search stays cheap.
         if self.tail.len() > 8192.max(self.entries.len() / 8) {
@@ -161,10 +175,17 @@ impl Index {
     /// two index files). Copies of a blob in different packs are all kept.
     pub fn finalize(&mut self) {
         self.entries.append(&mut self.tail);
-        self.entries
-            .sort_unstable_by(|a, b| a.id.cmp(&b.id).then(a.pack.cmp(&b.pack)).then(a.offset.cmp(&b.offset)));
+        self.entries.sort_unstable_by(|a, b| {
+            a.id.cmp(&b.id)
+                .then(a.pack.cmp(&b.pack))
+                .then(a.offset.cmp(&b.offset))
+        });
         self.entries.dedup_by(|a, b| a.same_place(b));
-        self.entries.shrink_to_fit();
+        // Give back spare capacity only when it is large: merges happen repeatedly during a
+        // backup, and shrinking each time would reallocate each time.
+        if self.entries.capacity() > self.entries.len() + self.entries.len() / 4 + 1024 {
+            self.entries.shrink_to_fit();
+        }
     }
 
     fn location(&self, e: &Entry) -> Location {
@@ -270,7 +291,11 @@ impl Index {
         for e in self.entries.iter_mut().chain(self.tail.iter_mut()) {
             e.pack = renumber[e.pack as usize];
         }
-        self.pack_numbers = packs.iter().enumerate().map(|(i, p)| (*p, i as u32)).collect();
+        self.pack_numbers = packs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (*p, i as u32))
+            .collect();
         self.packs = packs;
     }
 
@@ -296,8 +321,12 @@ mod tests {
         id[31] = 1;
         BlobEntry {
             id: Id(id),
-            kind: if n % 3 == 0 { BlobKind::Tree } else { BlobKind::Data },
-            compressed: n % 2 == 0,
+            kind: if n.is_multiple_of(3) {
+                BlobKind::Tree
+            } else {
+                BlobKind::Data
+            },
+            compressed: n.is_multiple_of(2),
             offset,
             stored_len: 100 + n,
             raw_len: 60 + n,
@@ -314,9 +343,14 @@ mod tests {
         let p1 = Id([1; 32]);
         let p2 = Id([2; 32]);
         let mut ix = Index::new();
-        let blobs1: Vec<_> = (0..10_000u32).rev().map(|n| blob(n * 2, u64::from(n) * 200)).collect();
+        let blobs1: Vec<_> = (0..10_000u32)
+            .rev()
+            .map(|n| blob(n * 2, u64::from(n) * 200))
+            .collect();
         ix.insert_pack(p1, &blobs1);
-        let blobs2: Vec<_> = (0..50u32).map(|n| blob(n * 2 + 1, u64::from(n) * 200)).collect();
+        let blobs2: Vec<_> = (0..50u32)
+            .map(|n| blob(n * 2 + 1, u64::from(n) * 200))
+            .collect();
         ix.insert_pack(p2, &blobs2);
         assert_eq!(ix.len(), 10_050);
         for b in blobs1.iter().chain(&blobs2) {
@@ -346,13 +380,22 @@ mod tests {
         let p2 = Id([2; 32]);
         let b = blob(5, 0);
         let f1 = IndexFile {
-            packs: vec![IndexPack { id: p1, blobs: vec![b] }],
+            packs: vec![IndexPack {
+                id: p1,
+                blobs: vec![b],
+            }],
             supersedes: vec![],
         };
         let f2 = IndexFile {
             packs: vec![
-                IndexPack { id: p1, blobs: vec![b] },
-                IndexPack { id: p2, blobs: vec![b] },
+                IndexPack {
+                    id: p1,
+                    blobs: vec![b],
+                },
+                IndexPack {
+                    id: p2,
+                    blobs: vec![b],
+                },
             ],
             supersedes: vec![],
         };
@@ -367,7 +410,10 @@ mod tests {
     fn index_file_json_round_trip() {
         let p1 = Id([1; 32]);
         let f = IndexFile {
-            packs: vec![IndexPack { id: p1, blobs: vec![blob(3, 0), blob(4, 103)] }],
+            packs: vec![IndexPack {
+                id: p1,
+                blobs: vec![blob(3, 0), blob(4, 103)],
+            }],
             supersedes: vec![Id([9; 32])],
         };
         let json = serde_json::to_string(&f).unwrap();

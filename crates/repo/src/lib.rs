@@ -1,4 +1,4 @@
-//! hyperkeep's backup repository. (Under construction: this file is the contract.)
+//! hyperkeep's backup repository: deduplicated, compressed, encrypted VM snapshots.
 //!
 //! Map of the crate (data flows top to bottom):
 //! - [`backend`]: where objects live. One trait ([`backend::Backend`]: put/get/list/delete of
@@ -10,7 +10,8 @@
 //!   typed access to packs, indexes, snapshots and locks.
 //! - [`pack`]: pack files (many encrypted blobs + an encrypted, authenticated trailer listing them,
 //!   so the index can always be rebuilt from packs) and the pack writer.
-//! - [`index`]: chunk id -> (pack, offset, length) as a sorted in-memory table, index files.
+//! - [`index`]: chunk id -> (pack, offset, length) as a sorted in-memory table (56 bytes per
+//!   entry), index files.
 //! - [`snapshot`]: the snapshot manifest (one VM at one point in time: disks as chunk tables,
 //!   other files), ids and abbreviation, `latest`.
 //! - [`lock`]: shared (backup) and exclusive (prune) locks with refresh and staleness.
@@ -20,6 +21,11 @@
 //!   restoring whole snapshots into a directory.
 //! - [`forget`], [`prune`], [`check`], [`stats`], [`diff`]: maintenance, one module per command.
 //! - [`error`]: the error type.
+//!
+//! Why our own format rather than restic's or borg's: their stores chunk files, not disks; we
+//! need fixed, disk-aligned chunks with a dense per-disk table (random access for mounting and
+//! granular restore, change-list incrementals), keyed chunk ids, and a layout that needs
+//! nothing from storage but put/get/list/delete of whole objects.
 
 pub mod backend;
 pub mod backup;
@@ -38,4 +44,3 @@ pub mod snapshot;
 pub mod stats;
 
 pub use error::{Error, Result};
-

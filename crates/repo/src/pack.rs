@@ -86,8 +86,11 @@ impl PackWriter {
         // cannot overflow for anything a caller of this crate produces.
         entry.stored_len = u32::try_from(sealed.len()).expect("blob larger than 4 GiB");
         if self.buf.is_empty() {
+            // Room for the target plus the blob that crosses it and the trailer, so the
+            // buffer is allocated once rather than doubled past the target.
+            let target = self.target_size.min(1 << 30);
             self.buf
-                .reserve(usize::try_from(self.target_size.min(1 << 30)).unwrap_or(0) + 4096);
+                .reserve(usize::try_from(target + target / 4).unwrap_or(0) + 4096);
         }
         self.buf.extend_from_slice(sealed);
         self.entries.push(entry);
@@ -146,21 +149,49 @@ impl PackWriter {
     }
 }
 
+thread_local! {
+    // One zstd context per thread and level: creating one per chunk would allocate and clear
+    // about a megabyte each time, a measurable share of the per-chunk work.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The zstd frame of `raw` at `level` if it is smaller than `raw`, else `None`.
+fn compress_smaller(level: i32, raw: &[u8]) -> Option<Vec<u8>> {
+    if raw.len() < 2 {
+        return None;
+    }
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().map(|(l, _)| *l) != Some(level) {
+            *slot = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
+        }
+        let (_, compressor) = slot.as_mut()?;
+        // A buffer one byte short of the input: output that does not fit is output that does
+        // not pay, and zstd reports it instead of writing past the end.
+        let mut out = Vec::with_capacity(raw.len() - 1);
+        compressor.compress_to_buffer(raw, &mut out).ok()?;
+        (out.len() < raw.len()).then_some(out)
+    })
+}
+
 /// Compress with zstd at `level`; the raw bytes when compression does not make them smaller.
 /// Returns (compressed, payload).
 pub fn compress(level: i32, raw: &[u8]) -> (bool, Vec<u8>) {
-    match zstd::bulk::compress(raw, level) {
-        Ok(c) if c.len() < raw.len() => (true, c),
-        _ => (false, raw.to_vec()),
+    match compress_smaller(level, raw) {
+        Some(c) => (true, c),
+        None => (false, raw.to_vec()),
     }
 }
 
 /// Compress (when it pays) and seal raw bytes: what goes into a pack. Returns
 /// (compressed, sealed).
 pub fn seal_blob(key: &MasterKey, level: i32, raw: &[u8]) -> (bool, Vec<u8>) {
-    match zstd::bulk::compress(raw, level) {
-        Ok(c) if c.len() < raw.len() => (true, key.seal(&c)),
-        _ => (false, key.seal(raw)),
+    match compress_smaller(level, raw) {
+        Some(c) => (true, key.seal(&c)),
+        None => (false, key.seal(raw)),
     }
 }
 
@@ -168,7 +199,16 @@ pub fn seal_blob(key: &MasterKey, level: i32, raw: &[u8]) -> (bool, Vec<u8>) {
 /// than `raw_len`, whatever the frame claims.
 pub fn decompress(data: &[u8], raw_len: u32) -> std::result::Result<Vec<u8>, String> {
     let cap = raw_len as usize;
-    let out = zstd::bulk::decompress(data, cap).map_err(|e| format!("zstd: {e}"))?;
+    let out = DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress(data, cap).map_err(|e| format!("zstd: {e}")),
+            None => Err("zstd: no decompression context".to_string()),
+        }
+    })?;
     if out.len() != cap {
         return Err(format!(
             "decompressed to {} bytes, the index says {raw_len}",
@@ -297,12 +337,20 @@ pub fn parse_trailer(
 pub fn parse_footer(pack: &Id, footer: &[u8], pack_size: u64) -> Result<(u64, u64)> {
     let object = ObjectKind::Pack.key(&pack.to_hex());
     if pack_size < PACK_FOOTER_LEN || footer.len() != PACK_FOOTER_LEN as usize {
-        return Err(Error::corrupt(&object, format!("pack too short ({pack_size} bytes)")));
+        return Err(Error::corrupt(
+            &object,
+            format!("pack too short ({pack_size} bytes)"),
+        ));
     }
     if &footer[4..12] != PACK_MAGIC {
-        return Err(Error::corrupt(&object, "not a pack (magic missing at its end)"));
+        return Err(Error::corrupt(
+            &object,
+            "not a pack (magic missing at its end)",
+        ));
     }
-    let len = u64::from(u32::from_le_bytes(footer[..4].try_into().unwrap_or_default()));
+    let len = u64::from(u32::from_le_bytes(
+        footer[..4].try_into().unwrap_or_default(),
+    ));
     // Bounded by the real size before anything is allocated for it.
     if len > pack_size - PACK_FOOTER_LEN || len < (SEAL_OVERHEAD + 4) as u64 {
         return Err(Error::corrupt(
@@ -345,7 +393,12 @@ pub fn parse_pack(key: &MasterKey, pack: &Id, bytes: &[u8]) -> Result<Vec<BlobEn
     let size = bytes.len() as u64;
     let footer_at = bytes.len().saturating_sub(PACK_FOOTER_LEN as usize);
     let (start, len) = parse_footer(pack, &bytes[footer_at..], size)?;
-    parse_trailer(key, pack, &bytes[start as usize..(start + len) as usize], start)
+    parse_trailer(
+        key,
+        pack,
+        &bytes[start as usize..(start + len) as usize],
+        start,
+    )
 }
 
 #[cfg(test)]
@@ -356,7 +409,11 @@ mod tests {
         let mut w = PackWriter::new(1 << 20);
         for (i, raw) in chunks.iter().enumerate() {
             let (compressed, sealed) = seal_blob(key, 1, raw);
-            let kind = if i % 2 == 0 { BlobKind::Data } else { BlobKind::Tree };
+            let kind = if i % 2 == 0 {
+                BlobKind::Data
+            } else {
+                BlobKind::Tree
+            };
             w.add(
                 BlobEntry {
                     id: key.chunk_id(raw),
@@ -376,7 +433,12 @@ mod tests {
     fn sample_chunks() -> Vec<Vec<u8>> {
         let mut noise = vec![0u8; 5000];
         crate::crypto::random_bytes(&mut noise);
-        vec![b"hello hello hello hello hello hello".repeat(100), noise, vec![7u8; 1], Vec::new()]
+        vec![
+            b"hello hello hello hello hello hello".repeat(100),
+            noise,
+            vec![7u8; 1],
+            Vec::new(),
+        ]
     }
 
     #[test]
@@ -416,19 +478,30 @@ mod tests {
         let chunks = sample_chunks();
         let (id, bytes, entries) = build(&key, &chunks);
         // Every byte of the trailer region and footer: flipping it breaks parsing.
-        let trailer_start = entries.last().map(|e| e.offset + u64::from(e.stored_len)).unwrap() as usize;
+        let trailer_start = entries
+            .last()
+            .map(|e| e.offset + u64::from(e.stored_len))
+            .unwrap() as usize;
         for pos in trailer_start..bytes.len() {
             let mut bad = bytes.clone();
             bad[pos] ^= 0x01;
-            assert!(parse_pack(&key, &id, &bad).is_err(), "flip at {pos} undetected");
+            assert!(
+                parse_pack(&key, &id, &bad).is_err(),
+                "flip at {pos} undetected"
+            );
         }
         // A flipped blob byte: authentication fails, naming pack and blob.
         let e = entries[0];
         let mut sealed =
             bytes[e.offset as usize..(e.offset + u64::from(e.stored_len)) as usize].to_vec();
         sealed[50] ^= 0x80;
-        let err = open_blob(&key, &id, &e, &sealed, 1 << 20).unwrap_err().to_string();
-        assert!(err.contains(&id.to_hex()) && err.contains(&e.id.to_hex()), "{err}");
+        let err = open_blob(&key, &id, &e, &sealed, 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&id.to_hex()) && err.contains(&e.id.to_hex()),
+            "{err}"
+        );
         // A valid blob listed under another id: the keyed hash check catches it.
         let good = &bytes[e.offset as usize..(e.offset + u64::from(e.stored_len)) as usize];
         let mut wrong = e;

@@ -76,7 +76,10 @@ impl<'a> SnapshotDisk<'a> {
 
     /// The repository error behind the first failed read, if any.
     pub fn take_failure(&self) -> Option<Error> {
-        self.failure.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     fn cached(&self, chunk: u64) -> Option<Arc<Vec<u8>>> {
@@ -160,7 +163,7 @@ impl VirtualDisk for SnapshotDisk<'_> {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> vdisk::Result<()> {
-        vdisk::check_range(offset, buf.len() as u64, self.entry.virtual_size)?;
+        vdisk::disk::check_range(offset, buf.len() as u64, self.entry.virtual_size)?;
         let cs = u64::from(self.entry.chunk_size);
         let mut done = 0usize;
         while done < buf.len() {
@@ -198,7 +201,7 @@ impl VirtualDisk for SnapshotDisk<'_> {
             } else {
                 ExtentState::Data
             };
-            vdisk::push_extent(&mut out, pos, cend - pos, state);
+            vdisk::disk::push_extent(&mut out, pos, cend - pos, state);
             pos = cend;
         }
         Ok(out)
@@ -280,11 +283,12 @@ pub fn output_name(disk: &DiskEntry, format: DiskFormat) -> String {
         DiskFormat::Vhd => "vhd",
         DiskFormat::Raw => "raw",
     };
-    let keep = match (format, ext.as_deref()) {
-        (DiskFormat::Vhdx, Some("vhdx")) | (DiskFormat::Vhd, Some("vhd")) => true,
-        (DiskFormat::Raw, Some("raw" | "img")) => true,
-        _ => false,
-    };
+    let keep = matches!(
+        (format, ext.as_deref()),
+        (DiskFormat::Vhdx, Some("vhdx"))
+            | (DiskFormat::Vhd, Some("vhd"))
+            | (DiskFormat::Raw, Some("raw" | "img"))
+    );
     if keep {
         return disk.name.clone();
     }
@@ -345,7 +349,11 @@ pub fn restore(
         check_file_name(&f.name)?;
     }
     let mut all: Vec<&Path> = outputs.iter().map(|(_, p)| p.as_path()).collect();
-    let file_paths: Vec<PathBuf> = snapshot.files.iter().map(|f| target.join(&f.name)).collect();
+    let file_paths: Vec<PathBuf> = snapshot
+        .files
+        .iter()
+        .map(|f| target.join(&f.name))
+        .collect();
     all.extend(file_paths.iter().map(|p| p.as_path()));
     let mut seen = std::collections::HashSet::new();
     for p in &all {
@@ -542,11 +550,29 @@ mod tests {
 
     #[test]
     fn output_names_follow_the_format() {
-        assert_eq!(output_name(&entry("a.vhdx", "vhdx"), DiskFormat::Vhdx), "a.vhdx");
-        assert_eq!(output_name(&entry("a.avhdx", "vhdx"), DiskFormat::Vhdx), "a.vhdx");
-        assert_eq!(output_name(&entry("a.vhdx", "vhdx"), DiskFormat::Vhd), "a.vhd");
-        assert_eq!(output_name(&entry("a.img", "raw"), DiskFormat::Raw), "a.img");
-        assert_eq!(output_name(&entry("disk", "raw"), DiskFormat::Raw), "disk.raw");
-        assert_eq!(output_name(&entry("A.VHD", "vhd"), DiskFormat::Vhd), "A.VHD");
+        assert_eq!(
+            output_name(&entry("a.vhdx", "vhdx"), DiskFormat::Vhdx),
+            "a.vhdx"
+        );
+        assert_eq!(
+            output_name(&entry("a.avhdx", "vhdx"), DiskFormat::Vhdx),
+            "a.vhdx"
+        );
+        assert_eq!(
+            output_name(&entry("a.vhdx", "vhdx"), DiskFormat::Vhd),
+            "a.vhd"
+        );
+        assert_eq!(
+            output_name(&entry("a.img", "raw"), DiskFormat::Raw),
+            "a.img"
+        );
+        assert_eq!(
+            output_name(&entry("disk", "raw"), DiskFormat::Raw),
+            "disk.raw"
+        );
+        assert_eq!(
+            output_name(&entry("A.VHD", "vhd"), DiskFormat::Vhd),
+            "A.VHD"
+        );
     }
 }

@@ -189,7 +189,11 @@ pub fn sort_by_time(snaps: &mut [(String, Snapshot)]) {
 /// Resolve a snapshot spec: a full id, a unique hex prefix of at least [`MIN_PREFIX`] digits, or
 /// `latest` (the newest snapshot, of VM `vm` if given). With an id or prefix, `vm` (if given)
 /// must match the snapshot's VM.
-pub fn find_snapshot(repo: &Repository, spec: &str, vm: Option<&str>) -> Result<(String, Snapshot)> {
+pub fn find_snapshot(
+    repo: &Repository,
+    spec: &str,
+    vm: Option<&str>,
+) -> Result<(String, Snapshot)> {
     let spec = spec.trim();
     if spec.eq_ignore_ascii_case("latest") {
         let snaps = list_snapshots(repo)?;
@@ -207,8 +211,7 @@ pub fn find_snapshot(repo: &Repository, spec: &str, vm: Option<&str>) -> Result<
                 ),
             });
     }
-    if spec.len() < MIN_PREFIX || spec.len() > 64 || !spec.bytes().all(|b| b.is_ascii_hexdigit())
-    {
+    if spec.len() < MIN_PREFIX || spec.len() > 64 || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(Error::InvalidArgument(format!(
             "'{spec}' is not a snapshot id: give 'latest', a full id, or at least {MIN_PREFIX} \
              hex digits of one (`hyperkeep snapshots` lists them)"
@@ -275,7 +278,7 @@ pub fn table_to_blobs(table: &[Id]) -> Vec<Vec<u8>> {
 
 /// Decode one tree blob payload into ids. `object` names the blob in errors.
 pub fn blob_to_table(raw: &[u8], object: &str) -> Result<Vec<Id>> {
-    if raw.is_empty() || raw.len() % 32 != 0 || raw.len() > TABLE_BLOB_ENTRIES * 32 {
+    if raw.is_empty() || !raw.len().is_multiple_of(32) || raw.len() > TABLE_BLOB_ENTRIES * 32 {
         return Err(Error::corrupt(
             object,
             format!(

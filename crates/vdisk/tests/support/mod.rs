@@ -120,14 +120,14 @@ pub fn assert_same(what: &str, a: &[u8], b: &[u8]) {
     );
 }
 
-/// Compare a hyperkeep disk with a raw file chunk by chunk (for disks too big to hold twice).
-/// The file may be longer than the disk only by `allowed_tail` bytes (see the VHD tests).
-pub fn assert_disk_equals_file(what: &str, disk: &dyn VirtualDisk, raw: &Path, allowed_tail: u64) {
+/// Compare a hyperkeep disk with a raw file of the same size, chunk by chunk (for disks too big
+/// to hold twice).
+pub fn assert_disk_equals_file(what: &str, disk: &dyn VirtualDisk, raw: &Path) {
     let size = disk.geometry().virtual_size;
     let file = File::open(raw).unwrap();
     let flen = file.metadata().unwrap().len();
-    assert!(
-        flen >= size && flen - size <= allowed_tail,
+    assert_eq!(
+        flen, size,
         "{what}: hyperkeep sees {size} bytes, the reference {flen} bytes"
     );
     let chunk = 4 * MIB;

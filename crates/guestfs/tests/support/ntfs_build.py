@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Build NTFS test images for crates/guestfs/tests/ntfs_*.rs (needs root, ntfs-3g, attr).
+
+usage: ntfs_build.py main|frag OUTDIR
+
+Writes OUTDIR/IMG.img (the image), OUTDIR/src/ (every main stream's bytes, by path),
+OUTDIR/streams/ (alternate data streams) and OUTDIR/manifest.json describing what the reader must
+return: type, size, timestamps (ns), streams, link targets, hard-link groups.
+"""
+import json, os, random, struct, subprocess, sys
+
+def run(*args):
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+class Builder:
+    def __init__(self, out, name, size_mb):
+        self.out = out
+        self.img = os.path.join(out, name + ".img")
+        self.mnt = os.path.join(out, "mnt-" + name)
+        self.src = os.path.join(out, "src-" + name)
+        self.streams = os.path.join(out, "streams-" + name)
+        for d in (self.mnt, self.src, self.streams):
+            os.makedirs(d, exist_ok=True)
+        with open(self.img, "wb") as f:
+            f.truncate(size_mb << 20)
+        run("mkntfs", "-q", "-F", "-f", "-c", "4096", "-L", "HK" + name.upper(), self.img)
+        run("ntfs-3g", "-o", "streams_interface=windows,compression", self.img, self.mnt)
+        self.entries = {}
+        self.times = []
+        self.tick = 0
+
+    def m(self, rel):
+        return os.path.join(self.mnt, rel)
+
+    def stamp(self, rel):
+        # Distinct times with sub-second parts (NTFS keeps 100 ns).
+        self.tick += 1
+        mt = 1_600_000_000_000_000_000 + self.tick * 1_000_003_700
+        at = mt + 86_400_000_000_000
+        self.times.append((rel, at, mt))
+        e = self.entries[rel]
+        e["mtime"] = mt
+        e["atime"] = at
+
+    def mkdir(self, rel, attrib=None):
+        os.makedirs(self.m(rel))
+        os.makedirs(os.path.join(self.src, rel), exist_ok=True)
+        if attrib is not None:
+            run("setfattr", "-n", "system.ntfs_attrib_be", "-v", "0x%08x" % attrib, self.m(rel))
+        self.entries[rel] = {"type": "directory", "streams": {}}
+        self.stamp(rel)
+
+    def file(self, rel, data, stamp=True):
+        with open(self.m(rel), "wb") as f:
+            f.write(data)
+        with open(os.path.join(self.src, rel), "wb") as f:
+            f.write(data)
+        self.entries[rel] = {"type": "file", "size": len(data), "streams": {}, "nlink": 1}
+        if stamp:
+            self.stamp(rel)
+
+    def stream(self, rel, name, data):
+        with open(self.m(rel) + ":" + name, "wb") as f:
+            f.write(data)
+        key = rel.replace("/", "__") + "__" + name
+        with open(os.path.join(self.streams, key), "wb") as f:
+            f.write(data)
+        self.entries[rel]["streams"][name] = key
+
+    def finish(self, extra):
+        # Times last, deepest first, since creating children changes a directory's mtime.
+        for rel, at, mt in sorted(self.times, key=lambda t: -t[0].count("/")):
+            os.utime(self.m(rel), ns=(at, mt), follow_symlinks=False)
+        run("umount", self.mnt)
+        manifest = {"image": self.img, "src": self.src, "streams": self.streams,
+                    "entries": self.entries}
+        manifest.update(extra)
+        name = os.path.basename(self.img)[:-4]
+        with open(os.path.join(self.out, name + ".json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+
+def reparse_link(tag, target, print_name, relative):
+    subst = target.encode("utf-16-le")
+    prn = print_name.encode("utf-16-le")
+    if tag == 0xA000000C:
+        body = struct.pack("<HHHHI", 0, len(subst), len(subst), len(prn), 1 if relative else 0)
+    else:
+        # Junctions store each name NUL-terminated.
+        subst += b"\0\0"
+        prn += b"\0\0"
+        body = struct.pack("<HHHH", 0, len(subst) - 2, len(subst), len(prn) - 2)
+    body += subst + prn
+    return struct.pack("<IHH", tag, len(body), 0) + body
+
+def set_reparse(path, data):
+    run("setfattr", "-n", "system.ntfs_reparse_data", "-v", "0x" + data.hex(), path)
+
+def main_image(out):
+    r = random.Random(4)
+    b = Builder(out, "main", 64)
+    b.file("small.txt", b"hello, resident world\n")
+    b.file("large.bin", r.randbytes(3 * 1024 * 1024 + 123))
+    b.file("empty.txt", b"")
+    b.mkdir("bigdir")
+    for i in range(600):
+        b.file("bigdir/file_%04d_with_a_longer_name.txt" % i, b"content %d\n" % i * (i % 7 + 1), stamp=(i % 50 == 0))
+    b.mkdir("comp", attrib=0x800 | 0x10)
+    text = b"".join(b"line %06d: the quick brown fox jumps over the lazy dog\n" % i for i in range(8000))
+    b.file("comp/text.txt", text)
+    b.file("comp/random.bin", r.randbytes(200_000))
+    mixed = b"".join((r.randbytes(40_000) if i % 2 else text[:40_000]) for i in range(24))
+    b.file("comp/mixed.bin", mixed)
+    b.file("comp/zeros.bin", bytes(300_000))
+    b.file("comp/tiny.txt", b"tiny compressed-directory file\n")
+    with open(b.m("comp/sparse_comp.bin"), "wb") as f:
+        f.write(text[:5000]); f.seek(1_000_000); f.write(text[:70_000])
+    with open(os.path.join(b.src, "comp/sparse_comp.bin"), "wb") as f:
+        f.write(text[:5000]); f.seek(1_000_000); f.write(text[:70_000])
+    b.entries["comp/sparse_comp.bin"] = {"type": "file", "size": 1_070_000, "streams": {}, "nlink": 1}
+    b.stamp("comp/sparse_comp.bin")
+    b.file("ads.txt", b"main stream\n")
+    b.stream("ads.txt", "secret", b"hidden stream data\n")
+    b.stream("ads.txt", "big", r.randbytes(100_000))
+    with open(b.m("sparse.bin"), "wb") as f:
+        f.write(b"start"); f.seek(20_000_000); f.write(b"end")
+    with open(os.path.join(b.src, "sparse.bin"), "wb") as f:
+        f.write(b"start"); f.seek(20_000_000); f.write(b"end")
+    b.entries["sparse.bin"] = {"type": "file", "size": 20_000_003, "streams": {}, "nlink": 1, "sparse": True}
+    b.stamp("sparse.bin")
+    b.mkdir("links")
+    b.file("links/hl_a.txt", b"hard linked\n")
+    os.link(b.m("links/hl_a.txt"), b.m("hl_b.txt"))
+    with open(os.path.join(b.src, "hl_b.txt"), "wb") as f:
+        f.write(b"hard linked\n")
+    b.entries["links/hl_a.txt"]["nlink"] = 2
+    b.entries["hl_b.txt"] = dict(b.entries["links/hl_a.txt"])
+    b.entries["hl_b.txt"]["same_as"] = "links/hl_a.txt"
+    b.file("links/sym", b"", stamp=False)
+    set_reparse(b.m("links/sym"), reparse_link(0xA000000C, "..\\small.txt", "..\\small.txt", True))
+    b.entries["links/sym"] = {"type": "symlink", "target": "..\\small.txt", "streams": {}}
+    b.file("links/abs", b"", stamp=False)
+    set_reparse(b.m("links/abs"), reparse_link(0xA000000C, "\\??\\C:\\Windows\\notepad.exe", "C:\\Windows\\notepad.exe", False))
+    b.entries["links/abs"] = {"type": "symlink", "target": "C:\\Windows\\notepad.exe", "streams": {}}
+    os.makedirs(b.m("links/junction"))
+    set_reparse(b.m("links/junction"), reparse_link(0xA0000003, "\\??\\C:\\Users\\Public", "C:\\Users\\Public", False))
+    b.entries["links/junction"] = {"type": "junction", "target": "C:\\Users\\Public", "streams": {}}
+    os.makedirs(os.path.join(b.src, "links"), exist_ok=True)
+    b.mkdir("unicodé")
+    for name in ["Ünïcödé.txt", "日本語のファイル.txt", "emoji_😀.txt", "Ελληνικά", "mixed CASE Name.TXT"]:
+        b.file("unicodé/" + name, name.encode("utf-8") * 3)
+    b.file("manystreams.txt", b"base data\n")
+    for i in range(120):
+        b.stream("manystreams.txt", "stream%03d" % i, (b"stream %d " % i) * (i + 5))
+    b.finish({"case_lookup": [["UNICODÉ/ünïcödé.TXT", "unicodé/Ünïcödé.txt"], ["BIGDIR/FILE_0001_WITH_A_LONGER_NAME.TXT", "bigdir/file_0001_with_a_longer_name.txt"]]})
+
+def frag_image(out):
+    r = random.Random(7)
+    b = Builder(out, "frag", int(os.environ.get("NTFS_FRAG_MB", "32")))
+    # Fill the volume with small files, then free every other one: later allocations ($MFT
+    # growth, directory indexes, big files) land in many small holes.
+    b.mkdir("fill")
+    n = 0
+    while True:
+        try:
+            with open(b.m("fill/f%05d" % n), "wb") as f:
+                f.write(bytes([n % 251]) * 4096)
+        except OSError:
+            break
+        n += 1
+    os.remove(b.m("fill/f%05d" % (n - 1)))
+    n -= 1
+    for i in range(0, n, 2):
+        os.remove(b.m("fill/f%05d" % i))
+    for i in range(1, n, 2):
+        b.entries["fill/f%05d" % i] = {"type": "file", "size": 4096, "streams": {}, "nlink": 1}
+        with open(os.path.join(b.src, "fill/f%05d" % i), "wb") as f:
+            f.write(bytes([i % 251]) * 4096)
+    b.file("large1.bin", r.randbytes(2_000_000))
+    b.mkdir("hugedir")
+    for i in range(int(os.environ.get("NTFS_FRAG_FILES", "6000"))):
+        b.file("hugedir/entry_with_quite_a_long_name_%05d.dat" % i, b"", stamp=(i % 500 == 0))
+    b.file("large2.bin", r.randbytes(1_500_000))
+    b.finish({"fill_count": n})
+
+if __name__ == "__main__":
+    try:
+        {"main": main_image, "frag": frag_image}[sys.argv[1]](sys.argv[2])
+    except BaseException:
+        subprocess.run(["umount", os.path.join(sys.argv[2], "mnt-" + sys.argv[1])], stderr=subprocess.DEVNULL)
+        raise

@@ -1,0 +1,156 @@
+//! Change-list incrementals: only chunks touched by the change list are read, everything else
+//! comes from the parent's table, and the result equals a full backup of the same state.
+
+mod engine_util;
+
+use std::path::Path;
+
+use engine_util::*;
+use repo::backup::{backup, BackupOptions, NoProgress};
+use repo::diff::{diff, Change};
+use repo::restore::restore;
+use repo::stats::stats;
+use repo::snapshot::list_snapshots;
+use vdisk::{DiskFormat, OpenOptions};
+
+fn opts(vm: &str, paths: &[&Path]) -> BackupOptions {
+    BackupOptions {
+        vm: vm.into(),
+        paths: paths.iter().map(|p| p.to_path_buf()).collect(),
+        ..BackupOptions::default()
+    }
+}
+
+#[test]
+fn differencing_disk_change_list_reads_only_changed_chunks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base.vhdx");
+    hk_disk(
+        &base,
+        DiskFormat::Vhdx,
+        64 * MIB,
+        Some(MIB as u32),
+        &[(0x11, 0, 9 * MIB), (0x77, 63 * MIB, MIB)],
+    );
+    let repo = new_repo(tmp.path());
+    let (id1, snap1) = backup(&repo, &opts("vm", &[&base]), &NoProgress).unwrap();
+    assert_eq!(snap1.summary.bytes_read, 10 * MIB);
+
+    // A checkpoint: the child holds what changed since backup 1.
+    let child = tmp.path().join("base_checkpoint.avhdx");
+    {
+        let mut c = vdisk::create_child(&base, &child).unwrap();
+        write_patterns(
+            &mut *c,
+            &[
+                (0xd1, 10 * MIB + 100, 300), // chunk 10 (was zeros)
+                (0xd2, 30 * MIB - 10, 20),   // chunks 29 and 30
+                (0xd3, 4 * MIB, 4096),       // chunk 4 (had data)
+                (0x00, 63 * MIB, MIB),       // chunk 63 becomes zeros
+            ],
+        );
+    }
+    let mut o = opts("vm", &[&child]);
+    o.changes_from = Some(child.clone());
+    let (id2, snap2) = backup(&repo, &o, &NoProgress).unwrap();
+    assert_eq!(snap2.parent.as_deref(), Some(id1.as_str()));
+    assert_eq!(
+        snap2.summary.bytes_read,
+        5 * MIB,
+        "only chunks 4, 10, 29, 30, 63 are read: {:?}",
+        snap2.summary
+    );
+    assert_eq!(snap2.summary.chunks_new, 4);
+    assert_eq!(snap2.summary.zero_chunks, 1);
+
+    // A full backup of the same state yields the same table.
+    let (id3, snap3) = backup(&repo, &opts("vm", &[&child]), &NoProgress).unwrap();
+    assert_eq!(snap3.summary.bytes_read, 10 * MIB + 3 * MIB);
+    assert_eq!(snap3.summary.chunks_new, 0);
+    assert_eq!(snap2.disks[0].tables, snap3.disks[0].tables);
+    assert_eq!(snap2.disks[0].data_bytes, snap3.disks[0].data_bytes);
+
+    // Both restore to the chain's view.
+    let want = read_view(&child);
+    for (id, snap) in [(&id2, &snap2), (&id3, &snap3)] {
+        let target = tmp.path().join(format!("r-{}", &id[..8]));
+        let r = restore(&repo, id, snap, &target, None, &NoProgress).unwrap();
+        assert_eq!(r.disks[0].path, target.join("base_checkpoint.vhdx"));
+        assert_eq!(read_view(&r.disks[0].path), want);
+        qemu_check_clean(&r.disks[0].path, DiskFormat::Vhdx);
+    }
+
+    // diff counts the five changed chunks; stats sees three snapshots.
+    let index = repo.load_index().unwrap();
+    let d = diff(&repo, &index, (&id1, &snap1), (&id2, &snap2)).unwrap();
+    // Different disk names: one removed, one added.
+    assert_eq!(d.disks.len(), 2);
+    let d = diff(&repo, &index, (&id2, &snap2), (&id3, &snap3)).unwrap();
+    assert_eq!(d.disks[0].change, Change::Unchanged);
+    assert_eq!(d.changed_bytes, 0);
+    let mut renamed = snap1.clone();
+    renamed.disks[0].name = "base_checkpoint.avhdx".into();
+    let d = diff(&repo, &index, (&id1, &renamed), (&id2, &snap2)).unwrap();
+    assert_eq!(d.disks.len(), 1);
+    assert_eq!(d.disks[0].change, Change::Changed);
+    assert_eq!(d.disks[0].changed_chunks, 5);
+    assert_eq!(d.changed_bytes, 5 * MIB);
+    let all = list_snapshots(&repo).unwrap();
+    let st = stats(&repo, &index, &all).unwrap();
+    assert_eq!(st.snapshots, 3);
+    assert_eq!(st.vms, 1);
+    assert_eq!(st.data_blobs, 10 + 4);
+    assert!(st.tree_blobs >= 2);
+    assert_eq!(st.total_restore_size, 3 * 64 * MIB);
+}
+
+#[test]
+fn changed_ranges_hook_on_a_raw_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("disk.img");
+    hk_disk(&img, DiskFormat::Raw, 32 * MIB, None, &[(0x21, 0, 32 * MIB)]);
+    let repo = new_repo(tmp.path());
+    let (_, first) = backup(&repo, &opts("raw", &[&img]), &NoProgress).unwrap();
+    assert_eq!(first.summary.bytes_read, 32 * MIB);
+    assert_eq!(first.disks[0].format, "raw");
+
+    let changes = [(3 * MIB + 7, 10u64), (17 * MIB, 2 * MIB)];
+    {
+        let mut d = vdisk::open_mut(&img, &OpenOptions::default()).unwrap();
+        write_patterns(&mut *d, &[(0x31, 3 * MIB + 7, 10), (0x32, 17 * MIB, 2 * MIB)]);
+    }
+    let mut o = opts("raw", &[&img]);
+    o.changed_ranges = Some(changes.to_vec());
+    let (id, snap) = backup(&repo, &o, &NoProgress).unwrap();
+    assert_eq!(snap.summary.bytes_read, 3 * MIB, "{:?}", snap.summary);
+    assert_eq!(snap.summary.chunks_new, 3);
+    let target = tmp.path().join("r");
+    let r = restore(&repo, &id, &snap, &target, None, &NoProgress).unwrap();
+    assert_eq!(std::fs::read(&r.disks[0].path).unwrap(), std::fs::read(&img).unwrap());
+}
+
+#[test]
+fn change_list_without_a_usable_parent_reads_everything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("disk.img");
+    hk_disk(&img, DiskFormat::Raw, 8 * MIB, None, &[(0x21, 0, 8 * MIB)]);
+    let other = tmp.path().join("other.img");
+    hk_disk(&other, DiskFormat::Raw, 4 * MIB, None, &[(0x22, 0, 4 * MIB)]);
+    let repo = new_repo(tmp.path());
+    // No snapshot of this VM yet.
+    let mut o = opts("vm", &[&img]);
+    o.changed_ranges = Some(vec![(0, 1)]);
+    let (_, s) = backup(&repo, &o, &NoProgress).unwrap();
+    assert_eq!(s.summary.bytes_read, 8 * MIB);
+    // A parent whose disk has another size.
+    let (_, _) = backup(&repo, &opts("vm2", &[&other]), &NoProgress).unwrap();
+    let mut o = opts("vm2", &[&img]);
+    o.changed_ranges = Some(vec![(0, 1)]);
+    let (_, s) = backup(&repo, &o, &NoProgress).unwrap();
+    assert_eq!(s.summary.bytes_read, 8 * MIB);
+    // Two disks: the change list can't say which one it describes.
+    let mut o = opts("vm", &[&img, &other]);
+    o.changed_ranges = Some(vec![(0, 1)]);
+    let e = backup(&repo, &o, &NoProgress).unwrap_err().to_string();
+    assert!(e.contains("one disk"), "{e}");
+}
