@@ -138,7 +138,7 @@ fuzz_target() { # TARGET: run one cargo-fuzz target for FUZZ_SECONDS from the co
     log=$scratch.log
     if cargo fuzz run --fuzz-dir fuzz "$t" "$scratch" "$seeds" -- \
         -max_total_time="$FUZZ_SECONDS" -max_len=262144 -timeout=30 \
-        -rss_limit_mb=2048 -print_final_stats=1 </dev/null >"$log" 2>&1; then
+        -rss_limit_mb=2048 -malloc_limit_mb=256 -print_final_stats=1 </dev/null >"$log" 2>&1; then
         grep -E '^(INFO: seed corpus|#[0-9]+[[:space:]]+(INITED|DONE)|Done |stat::)' "$log" || true
         echo "$t: no crash in ${FUZZ_SECONDS}s ($(ls "$scratch" | wc -l) new corpus entries)"
         rm -rf "$scratch" "$log"

@@ -171,7 +171,7 @@ impl Default for Limits {
         Limits {
             walk: 4 << 30,
             window: 256 << 20,
-            read_budget: 64 << 20,
+            read_budget: 16 << 20,
             piece: 1 << 20,
         }
     }
@@ -211,6 +211,9 @@ pub fn exercise(disk: &dyn VirtualDisk, limits: &Limits) {
     }
 
     let mut budget = limits.read_budget;
+    // One buffer for every read: a fresh 1 MiB allocation per read is an mmap, page faults and
+    // an munmap each time, which would dominate the run time.
+    let mut buf = vec![0u8; limits.piece];
     let walked = size.min(limits.walk);
     let mut windows: Vec<(u64, u64)> = Vec::new();
     let mut off = 0;
@@ -243,8 +246,7 @@ pub fn exercise(disk: &dyn VirtualDisk, limits: &Limits) {
                         let mut pos = e.offset;
                         while pos < e.end() && budget > 0 {
                             let n = (e.end() - pos).min(limits.piece as u64).min(budget);
-                            let mut buf = vec![0u8; n as usize];
-                            if disk.read_at(&mut buf, pos).is_err() {
+                            if disk.read_at(&mut buf[..n as usize], pos).is_err() {
                                 break;
                             }
                             budget -= n;
@@ -253,11 +255,12 @@ pub fn exercise(disk: &dyn VirtualDisk, limits: &Limits) {
                     }
                     ExtentState::Zero | ExtentState::Unallocated => {
                         // The map promises zeros here: hold it to that on a sample.
-                        let n = e.length.min(4096).min(budget);
-                        let mut buf = vec![0xa5u8; n as usize];
-                        if disk.read_at(&mut buf, e.offset).is_ok() {
+                        let n = e.length.min(4096).min(budget).min(limits.piece as u64);
+                        let sample = &mut buf[..n as usize];
+                        sample.fill(0xa5);
+                        if disk.read_at(sample, e.offset).is_ok() {
                             assert!(
-                                vdisk_core::io::is_zero(&buf),
+                                vdisk_core::io::is_zero(sample),
                                 "map says {:?} at {}+{} but read_at returned non-zero bytes",
                                 e.state,
                                 e.offset,

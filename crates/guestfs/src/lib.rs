@@ -18,6 +18,7 @@ pub mod exfat;
 pub mod ext;
 pub mod fat;
 pub mod fs;
+pub mod ntfs;
 pub mod partition;
 pub mod probe;
 pub(crate) mod util;

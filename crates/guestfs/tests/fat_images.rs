@@ -68,7 +68,11 @@ fn check_against_tsk(fs: &dyn GuestFs, img: &Path, offset_sectors: u64) {
     let gk: Vec<_> = guest.keys().collect();
     let tk: Vec<_> = tsk.keys().collect();
     assert_eq!(gk, tk, "our listing vs fls");
-    for (p, inode) in &tsk {
+    // icat costs ~40 ms a call: every file outside many/, and every 97th inside it.
+    for (i, (p, inode)) in tsk.iter().enumerate() {
+        if p.starts_with("/many/") && i % 97 != 0 {
+            continue;
+        }
         if let Some(d) = &guest[p].data {
             assert!(tsk_cat(img, offset_sectors, "fat", inode) == *d, "{p}: icat differs");
         }
@@ -81,7 +85,7 @@ fn fat12_fat16_fat32_match_source_and_sleuthkit() {
     for (bits, size, many, kind) in [
         (12u32, 2u64, 40usize, FsKind::Fat12),
         (16, 32, 600, FsKind::Fat16),
-        (32, 64, 1500, FsKind::Fat32),
+        (32, 64, 1000, FsKind::Fat32),
     ] {
         let (src, img) = make_fat(tmp.path(), bits, size, many);
         let disk = open_raw(&img);
@@ -199,8 +203,9 @@ fn hostile_fat_chains_sizes_and_loops() {
     // Crafted names come back as stored (the restore layer sanitises them), never panic.
     let mut img = base.clone();
     let names: [&[u8; 11]; 4] = [b"CON        ", b"C:         ", b"A/B        ", b"X\0Y       \0"];
+    let free = (0..512).map(|i| root + i * 32).find(|&o| base[o] == 0).unwrap();
     for (i, nm) in names.iter().enumerate() {
-        let o = root + (10 + i) * 32;
+        let o = free + i * 32;
         img[o..o + 32].copy_from_slice(&base[file..file + 32]);
         img[o..o + 11].copy_from_slice(*nm);
     }

@@ -30,11 +30,22 @@ pub struct Cli {
     pub json: bool,
 
     /// Repository location: a directory (env HYPERKEEP_REPOSITORY).
-    #[arg(long = "repo", short = 'r', global = true, env = "HYPERKEEP_REPOSITORY", value_name = "LOCATION")]
+    #[arg(
+        long = "repo",
+        short = 'r',
+        global = true,
+        env = "HYPERKEEP_REPOSITORY",
+        value_name = "LOCATION"
+    )]
     pub repo: Option<String>,
 
     /// Read the repository password from this file (first line; env HYPERKEEP_PASSWORD_FILE).
-    #[arg(long, global = true, env = "HYPERKEEP_PASSWORD_FILE", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        env = "HYPERKEEP_PASSWORD_FILE",
+        value_name = "FILE"
+    )]
     pub password_file: Option<PathBuf>,
 
     /// No progress bar (it only ever shows when stderr is a terminal).
@@ -117,6 +128,9 @@ pub enum Command {
         snapshot1: String,
         /// The newer snapshot (id, prefix or `latest`).
         snapshot2: String,
+        /// With `latest`: the newest snapshot of this VM.
+        #[arg(long)]
+        vm: Option<String>,
     },
     /// Manage the repository's passwords (key slots).
     #[command(subcommand, after_help = PASSWORD_HELP)]

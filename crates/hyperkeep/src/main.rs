@@ -52,10 +52,7 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(args.verbose);
-    let result = match &args.command {
-        cli::Command::Disk(cmd) => disk::run(cmd, args.json),
-        _ => repo_cmd::run(&args),
-    };
+    let result = repo_cmd::run(&args);
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

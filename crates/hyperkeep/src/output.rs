@@ -253,7 +253,7 @@ fn repo_hint(e: &repo::Error) -> Option<String> {
                 .into(),
         ),
         repo::Error::WrongPassword => Some(
-            "check --password-file / HYPERKEEP_PASSWORD_FILE / HYPERKEEP_PASSWORD; `hyperkeep key list` shows the key slots"
+            "the password is taken from --password-file, else HYPERKEEP_PASSWORD_FILE, else HYPERKEEP_PASSWORD, else a prompt: check the first of them that is set"
                 .into(),
         ),
         repo::Error::Locked(m) if !m.contains("unlock") => Some(

@@ -102,7 +102,9 @@ pub fn new_password(file: Option<&Path>) -> Result<String> {
         return read_password_file(f);
     }
     if !std::io::stdin().is_terminal() {
-        bail!("no terminal to ask for the new password\nhint: give it with --new-password-file FILE");
+        bail!(
+            "no terminal to ask for the new password\nhint: give it with --new-password-file FILE"
+        );
     }
     prompt("new password", true)
 }

@@ -169,7 +169,11 @@ fn init_creates_a_repository_once() {
     let before = tree(&env.repo());
     let again = env.run(&["init"]);
     fails_with(&again, 2, "already exists");
-    assert_eq!(tree(&env.repo()), before, "a second init changed the repository");
+    assert_eq!(
+        tree(&env.repo()),
+        before,
+        "a second init changed the repository"
+    );
 
     let other = Env::new();
     other.ok(&["init", "--chunk-size", "256K"]);
@@ -185,7 +189,13 @@ fn backup_snapshots_restore_round_trip() {
     env.init();
     let (vhdx, config) = env.vm();
     let b = env.json(&[
-        "backup", "--vm", "web01", "--tag", "env=test", s(&vhdx), s(&config),
+        "backup",
+        "--vm",
+        "web01",
+        "--tag",
+        "env=test",
+        s(&vhdx),
+        s(&config),
     ]);
     let id = b["id"].as_str().unwrap().to_string();
     assert_eq!(id.len(), 64);
@@ -223,18 +233,42 @@ fn backup_snapshots_restore_round_trip() {
     let row = lines.next().unwrap();
     assert!(row.starts_with(&id[..8]), "{text}");
     assert!(row.contains("web01") && row.contains("env=test") && row.contains("disk.vhdx"));
-    assert_eq!(header.find("VM"), row.find("web01"), "columns not aligned:\n{text}");
+    assert_eq!(
+        header.find("VM"),
+        row.find("web01"),
+        "columns not aligned:\n{text}"
+    );
 
     // Restore by prefix into a new directory; `latest` of the VM names the same snapshot.
     let target = env.path("restored");
     let r = env.json(&["restore", &id[..6], "--target", s(&target)]);
     assert_eq!(r["snapshot"], id.as_str());
     let restored = target.join("disk.vhdx");
-    let cmp = qemu_img(&["compare", "-f", "vhdx", "-F", "vhdx", s(&vhdx), s(&restored)]);
-    assert!(cmp.status.success(), "qemu-img compare: {}{}", String::from_utf8_lossy(&cmp.stdout), stderr(&cmp));
+    let cmp = qemu_img(&[
+        "compare",
+        "-f",
+        "vhdx",
+        "-F",
+        "vhdx",
+        s(&vhdx),
+        s(&restored),
+    ]);
+    assert!(
+        cmp.status.success(),
+        "qemu-img compare: {}{}",
+        String::from_utf8_lossy(&cmp.stdout),
+        stderr(&cmp)
+    );
     let chk = qemu_img(&["check", "-f", "vhdx", s(&restored)]);
-    assert!(chk.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&chk.stdout));
-    assert_eq!(std::fs::read(target.join("vm.vmcx")).unwrap(), std::fs::read(&config).unwrap());
+    assert!(
+        chk.status.success(),
+        "qemu-img check: {}",
+        String::from_utf8_lossy(&chk.stdout)
+    );
+    assert_eq!(
+        std::fs::read(target.join("vm.vmcx")).unwrap(),
+        std::fs::read(&config).unwrap()
+    );
 
     // Restoring again over the same files is refused, and nothing is overwritten.
     let again = env.run(&["restore", "latest", "--vm", "web01", "--target", s(&target)]);
@@ -242,11 +276,28 @@ fn backup_snapshots_restore_round_trip() {
 
     // --to raw: a raw image equal to the guest view.
     let raw_target = env.path("restored-raw");
-    env.ok(&["restore", "latest", "--target", s(&raw_target), "--to", "raw"]);
-    let cmp = qemu_img(&[
-        "compare", "-f", "vhdx", "-F", "raw", s(&vhdx), s(&raw_target.join("disk.raw")),
+    env.ok(&[
+        "restore",
+        "latest",
+        "--target",
+        s(&raw_target),
+        "--to",
+        "raw",
     ]);
-    assert!(cmp.status.success(), "{}", String::from_utf8_lossy(&cmp.stdout));
+    let cmp = qemu_img(&[
+        "compare",
+        "-f",
+        "vhdx",
+        "-F",
+        "raw",
+        s(&vhdx),
+        s(&raw_target.join("disk.raw")),
+    ]);
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
 
     env.ok(&["check"]);
     let c = env.json(&["check", "--read-data"]);
@@ -271,13 +322,22 @@ fn incremental_backup_and_diff() {
     write_pattern(&child, 40 << 20, 1 << 20, 0x5a);
     write_pattern(&child, 41 << 20, 1 << 20, 0xa5);
     let second = env.json(&[
-        "backup", "--vm", "vm1", "--changes-from", s(&child), s(&child), s(&config),
+        "backup",
+        "--vm",
+        "vm1",
+        "--changes-from",
+        s(&child),
+        s(&child),
+        s(&config),
     ]);
     let sum = &second["summary"];
     assert_eq!(second["parent"], first_id.as_str());
     assert_eq!(sum["bytes_new"], 2 << 20, "{sum}");
     // Only the changed ranges (plus the small config file) were read.
-    assert!(sum["bytes_read"].as_u64().unwrap() <= (2 << 20) + 4096, "{sum}");
+    assert!(
+        sum["bytes_read"].as_u64().unwrap() <= (2 << 20) + 4096,
+        "{sum}"
+    );
 
     let restored = env.path("r2");
     env.ok(&["restore", "latest", "--target", s(&restored)]);
@@ -286,7 +346,12 @@ fn incremental_backup_and_diff() {
     let flat = env.path("flat.raw");
     env.ok(&["disk", "convert", s(&child), s(&flat)]);
     let cmp = qemu_img(&["compare", "-f", "raw", "-F", "vhdx", s(&flat), s(&out)]);
-    assert!(cmp.status.success(), "{}{}", String::from_utf8_lossy(&cmp.stdout), stderr(&cmp));
+    assert!(
+        cmp.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&cmp.stdout),
+        stderr(&cmp)
+    );
 
     // diff by disk name: the child has a new name, so compare two backups of the same name.
     let third = env.json(&["backup", "--vm", "vm1", s(&vhdx), s(&config)]);
@@ -303,7 +368,10 @@ fn incremental_backup_and_diff() {
     assert!(names.contains(&("disk.vhdx", "removed")), "{d}");
     assert!(names.contains(&("disk-checkpoint.avhdx", "added")), "{d}");
     let text = env.ok(&["diff", &first_id, "latest"]);
-    assert!(text.contains("disk.vhdx") && text.contains("unchanged"), "{text}");
+    assert!(
+        text.contains("disk.vhdx") && text.contains("unchanged"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -387,12 +455,19 @@ fn exit_codes_and_json_errors() {
     assert_eq!(none.status.code(), Some(10));
     let v: Value = serde_json::from_slice(&none.stdout).unwrap();
     assert_eq!(v["exit_code"], 10);
-    assert!(v["error"].as_str().unwrap().contains("no hyperkeep repository"));
+    assert!(v["error"]
+        .as_str()
+        .unwrap()
+        .contains("no hyperkeep repository"));
     assert!(v["hint"].as_str().unwrap().contains("hyperkeep init"));
 
     env.init();
     // 12: wrong password, human and JSON.
-    fails_with(&env.run_pw(Some("wrong"), &["snapshots"]), 12, "wrong password");
+    fails_with(
+        &env.run_pw(Some("wrong"), &["snapshots"]),
+        12,
+        "wrong password",
+    );
     let wrong = env.run_pw(Some("wrong"), &["--json", "snapshots"]);
     assert_eq!(wrong.status.code(), Some(12));
     let v: Value = serde_json::from_slice(&wrong.stdout).unwrap();
@@ -420,7 +495,13 @@ fn exit_codes_and_json_errors() {
     assert_eq!(bad.status.code(), Some(2));
     let v: Value = serde_json::from_slice(&bad.stdout).unwrap();
     assert_eq!(v["exit_code"], 2);
-    let unknown = env.run(&["--json", "restore", "abcdef12", "--target", s(&env.path("x"))]);
+    let unknown = env.run(&[
+        "--json",
+        "restore",
+        "abcdef12",
+        "--target",
+        s(&env.path("x")),
+    ]);
     assert_eq!(unknown.status.code(), Some(2));
     let v: Value = serde_json::from_slice(&unknown.stdout).unwrap();
     assert!(v["error"].as_str().unwrap().contains("no snapshot"), "{v}");
@@ -440,9 +521,9 @@ fn locked_repository_exits_11_until_unlocked() {
     let (vhdx, _) = env.vm();
     // An exclusive lock held by a live process on this host (this test): not stale.
     let hostname = {
-        let o = Command::new("hostname").output().unwrap_or_else(|e| {
-            panic!("the `hostname` command is needed by this test ({e})")
-        });
+        let o = Command::new("hostname")
+            .output()
+            .unwrap_or_else(|e| panic!("the `hostname` command is needed by this test ({e})"));
         String::from_utf8(o.stdout).unwrap().trim().to_string()
     };
     let lock = serde_json::json!({
@@ -503,7 +584,11 @@ fn newer_or_foreign_repositories_are_refused_untouched() {
     assert_eq!(o.status.code(), Some(2));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["error"].as_str().unwrap().contains("upgrade"));
-    assert_eq!(tree(&env.repo()), before, "the newer repository was modified");
+    assert_eq!(
+        tree(&env.repo()),
+        before,
+        "the newer repository was modified"
+    );
 
     // A directory with someone else's `config`: not ours, refused, untouched.
     let foreign = Env::new();
@@ -520,5 +605,194 @@ fn newer_or_foreign_repositories_are_refused_untouched() {
     fails_with(&o, 2, "not a hyperkeep repository");
     let o = foreign.run(&["init"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
-    assert_eq!(tree(&foreign.repo()), before, "the foreign repository was modified");
+    assert_eq!(
+        tree(&foreign.repo()),
+        before,
+        "the foreign repository was modified"
+    );
+}
+
+#[test]
+fn check_exits_1_on_a_damaged_pack_and_forget_by_id() {
+    let env = Env::new();
+    env.init();
+    let (vhdx, config) = env.vm();
+    let a = env.json(&["backup", "--vm", "vm1", s(&vhdx), s(&config)]);
+    std::fs::write(&config, b"changed").unwrap();
+    let b = env.json(&["backup", "--vm", "vm1", s(&vhdx), s(&config)]);
+    assert_eq!(
+        env.json(&["check", "--read-data-subset", "100%"])["clean"],
+        true
+    );
+
+    // Forget one snapshot by an abbreviated id.
+    let a_id = a["id"].as_str().unwrap();
+    let v = env.json(&["forget", &a_id[..10]]);
+    assert_eq!(v["removed"], serde_json::json!([a_id]));
+    let left = env.json(&["snapshots"]);
+    assert_eq!(left.as_array().unwrap().len(), 1);
+    assert_eq!(left[0]["id"], b["id"]);
+
+    // Flip one byte in the middle of every pack: structure still fine, data not.
+    let packs: Vec<PathBuf> = tree(&env.repo().join("data")).into_keys().collect();
+    assert!(!packs.is_empty());
+    for p in &packs {
+        let mut bytes = std::fs::read(p).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+        std::fs::write(p, bytes).unwrap();
+    }
+    env.ok(&["check"]);
+    let o = env.run(&["--json", "check", "--read-data"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["clean"], false);
+    assert!(!v["problems"].as_array().unwrap().is_empty());
+    let o = env.run(&["check", "--read-data"]);
+    assert_eq!(o.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("found:") && text.contains("data/"), "{text}");
+
+    // A missing password file is an error naming it.
+    let o = env.run_pw(Some("nonexistent"), &["snapshots"]);
+    fails_with(&o, 2, "password file");
+}
+
+/// The prompt path, on a real terminal: `script` gives hyperkeep a pseudo-terminal; the test
+/// types the password (twice for `init`) as a user would.
+#[test]
+fn password_prompt_on_a_terminal() {
+    use std::io::Write;
+    let env = Env::new();
+    let typed = |command: &str, lines: &[&str]| -> (Option<i32>, String) {
+        let mut child = Command::new("script")
+            .args(["-qec", command, "/dev/null"])
+            .env_remove("HYPERKEEP_PASSWORD")
+            .env_remove("HYPERKEEP_PASSWORD_FILE")
+            .env("HYPERKEEP_TEST_FAST_KDF", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("`script` (util-linux) is needed by this test but cannot run ({e})")
+            });
+        let mut stdin = child.stdin.take().unwrap();
+        for l in lines {
+            // Give hyperkeep time to switch echo off and read the previous line.
+            std::thread::sleep(std::time::Duration::from_millis(700));
+            stdin.write_all(format!("{l}\n").as_bytes()).unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        drop(stdin);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let bin = env!("CARGO_BIN_EXE_hyperkeep");
+    let repo = env.repo();
+    let init = format!("{bin} --repo {} init", s(&repo));
+    // Two different passwords: refused, nothing created.
+    let (code, out) = typed(&init, &["one password", "another"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("differ"), "{out}");
+    assert!(!repo.join("config").exists());
+    let (code, out) = typed(&init, &["typed secret", "typed secret"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("enter repository password again"), "{out}");
+    assert!(
+        !out.contains("typed secret"),
+        "the password was echoed: {out}"
+    );
+    let list = format!("{bin} --repo {} snapshots", s(&repo));
+    let (code, out) = typed(&list, &["typed secret"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("no snapshots yet"), "{out}");
+    let (code, _) = typed(&list, &["wrong"]);
+    assert_eq!(code, Some(12));
+}
+
+fn qemu_io(args: &[&str]) {
+    let o = Command::new("qemu-io").args(args).output().unwrap_or_else(|e| {
+        panic!("qemu-io is needed by this test but cannot run ({e}); install qemu-utils (./scripts/test.sh does)")
+    });
+    assert!(o.status.success(), "qemu-io {args:?}: {}", stderr(&o));
+}
+
+/// Disks made by an independent implementation (qemu): a dynamic VHD and a VHDX with data at
+/// unaligned places, backed up as one VM and restored both as themselves and as raw.
+#[test]
+fn qemu_made_vhd_and_vhdx_round_trip() {
+    let env = Env::new();
+    env.init();
+    let vhd = env.path("a.vhd");
+    let vhdx = env.path("b.vhdx");
+    let o = qemu_img(&[
+        "create",
+        "-f",
+        "vpc",
+        "-o",
+        "subformat=dynamic",
+        s(&vhd),
+        "40M",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = qemu_img(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-o",
+        "block_size=8M",
+        s(&vhdx),
+        "72M",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    qemu_io(&["-f", "vpc", "-c", "write -P 0x11 4096 3M", s(&vhd)]);
+    qemu_io(&["-f", "vpc", "-c", "write -P 0x22 30M 512", s(&vhd)]);
+    qemu_io(&["-f", "vhdx", "-c", "write -P 0x33 1M 9M", s(&vhdx)]);
+    qemu_io(&["-f", "vhdx", "-c", "write -P 0x44 71M 1M", s(&vhdx)]);
+
+    let b = env.json(&["backup", "--vm", "two-disks", s(&vhd), s(&vhdx)]);
+    let sn = &env.json(&["snapshots", "--vm", "two-disks"])[0];
+    assert_eq!(sn["id"], b["id"]);
+    let formats: Vec<&str> = sn["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["format"].as_str().unwrap())
+        .collect();
+    assert_eq!(formats, ["vhd", "vhdx"]);
+
+    let same = env.path("same");
+    env.ok(&["restore", "latest", "--target", s(&same)]);
+    let raw = env.path("raw");
+    env.ok(&["restore", "latest", "--target", s(&raw), "--to", "raw"]);
+    for (src, fmt, name) in [(&vhd, "vpc", "a"), (&vhdx, "vhdx", "b")] {
+        let ext = if fmt == "vpc" { "vhd" } else { "vhdx" };
+        let restored = same.join(format!("{name}.{ext}"));
+        for (other, other_fmt) in [
+            (restored.clone(), fmt),
+            (raw.join(format!("{name}.raw")), "raw"),
+        ] {
+            let cmp = qemu_img(&["compare", "-f", fmt, "-F", other_fmt, s(src), s(&other)]);
+            assert!(
+                cmp.status.success(),
+                "{} vs {}: {}{}",
+                src.display(),
+                other.display(),
+                String::from_utf8_lossy(&cmp.stdout),
+                stderr(&cmp)
+            );
+        }
+        if fmt == "vpc" {
+            continue; // qemu-img has no check for VHD
+        }
+        let chk = qemu_img(&["check", "-f", fmt, s(&restored)]);
+        assert!(
+            chk.status.success(),
+            "{}",
+            String::from_utf8_lossy(&chk.stdout)
+        );
+    }
 }

@@ -29,14 +29,24 @@ fn two_backups_at_once_both_succeed() {
         let ax = args_of(x);
         let mut ay = args_of(y);
         if y_disk == c_disk {
-            ay = vec!["--json".into(), "backup".into(), "--vm".into(), "vmc".into(), s(&c_disk).into()];
+            ay = vec![
+                "--json".into(),
+                "backup".into(),
+                "--vm".into(),
+                "vmc".into(),
+                s(&c_disk).into(),
+            ];
         }
         let p1 = env.spawn(&ax.iter().map(|s| s.as_str()).collect::<Vec<_>>());
         let p2 = env.spawn(&ay.iter().map(|s| s.as_str()).collect::<Vec<_>>());
         let o1 = p1.wait_with_output().unwrap();
         let o2 = p2.wait_with_output().unwrap();
         assert!(o1.status.success(), "first backup failed:\n{}", both(&o1));
-        assert!(o2.status.success(), "second concurrent backup failed:\n{}", both(&o2));
+        assert!(
+            o2.status.success(),
+            "second concurrent backup failed:\n{}",
+            both(&o2)
+        );
         let id1 = backup_id(&String::from_utf8_lossy(&o1.stdout));
         let id2 = backup_id(&String::from_utf8_lossy(&o2.stdout));
         assert_ne!(id1, id2);
@@ -106,10 +116,17 @@ fn prune_beside_a_backup_loses_nothing() {
         );
         if po.status.code() == Some(EXIT_LOCKED) {
             let err = String::from_utf8_lossy(&po.stderr).to_lowercase();
-            assert!(err.contains("lock"), "exit 11 must say the repository is locked:\n{err}");
+            assert!(
+                err.contains("lock"),
+                "exit 11 must say the repository is locked:\n{err}"
+            );
         }
         if backup_first {
-            assert!(bo.status.success(), "backup failed beside a prune:\n{}", both(&bo));
+            assert!(
+                bo.status.success(),
+                "backup failed beside a prune:\n{}",
+                both(&bo)
+            );
         } else {
             assert!(
                 matches!(bo.status.code(), Some(0) | Some(EXIT_LOCKED)),
@@ -126,7 +143,9 @@ fn prune_beside_a_backup_loses_nothing() {
             assert!(ids.contains(id), "snapshot {id} vanished");
         }
         // Every snapshot restores (each round checks the newest; all are checked at the end).
-        let newest = known.keys().find(|k| !ids.is_empty() && *k == ids.last().unwrap());
+        let newest = known
+            .keys()
+            .find(|k| !ids.is_empty() && *k == ids.last().unwrap());
         if let Some(id) = newest {
             env.assert_restores(id, &known[id], None);
         }

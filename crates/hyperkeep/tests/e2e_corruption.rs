@@ -23,22 +23,36 @@ struct Added {
 }
 
 fn listing(repo: &Path) -> BTreeMap<&'static str, Vec<PathBuf>> {
-    ["data", "index", "snapshots"].into_iter().map(|k| (k, repo_files(repo, k))).collect()
+    ["data", "index", "snapshots"]
+        .into_iter()
+        .map(|k| (k, repo_files(repo, k)))
+        .collect()
 }
 
 fn added(before: &BTreeMap<&'static str, Vec<PathBuf>>, repo: &Path) -> Added {
     let after = listing(repo);
     let new = |k: &str| -> Vec<PathBuf> {
-        after[k].iter().filter(|p| !before[k].contains(p)).cloned().collect()
+        after[k]
+            .iter()
+            .filter(|p| !before[k].contains(p))
+            .cloned()
+            .collect()
     };
-    Added { packs: new("data"), index: new("index"), snapshots: new("snapshots") }
+    Added {
+        packs: new("data"),
+        index: new("index"),
+        snapshots: new("snapshots"),
+    }
 }
 
 /// Where the blobs of a pack end (the trailer follows): `HKPACK01` magic in the last 8 bytes,
 /// the sealed trailer's length (u32 LE) before it.
 fn blob_area_len(pack: &[u8]) -> usize {
     let n = pack.len();
-    assert!(n >= 12 && &pack[n - 8..] == b"HKPACK01", "not a pack file (format changed?)");
+    assert!(
+        n >= 12 && &pack[n - 8..] == b"HKPACK01",
+        "not a pack file (format changed?)"
+    );
     let tl = u32::from_le_bytes(pack[n - 12..n - 8].try_into().unwrap()) as usize;
     n - 12 - tl
 }
@@ -86,24 +100,44 @@ fn assert_check_names(env: &Env, damaged: &[PathBuf]) {
     let human = env.run(&["check", "--read-data"]);
     let json = env.run(&["--json", "check", "--read-data"]);
     for out in [&human, &json] {
-        assert_eq!(out.status.code(), Some(EXIT_PROBLEMS), "check must report problems:\n{}", both(out));
+        assert_eq!(
+            out.status.code(),
+            Some(EXIT_PROBLEMS),
+            "check must report problems:\n{}",
+            both(out)
+        );
         let text = both(out);
         for f in damaged {
             let name = file_name(f);
-            assert!(text.contains(&name), "check does not name damaged file {name}:\n{text}");
+            assert!(
+                text.contains(&name),
+                "check does not name damaged file {name}:\n{text}"
+            );
         }
     }
 }
 
 /// A restore of a damaged snapshot: fails, says what is lost, leaves nothing behind; or (only
 /// where `may_succeed`) succeeds with exactly the right content.
-fn assert_restore_damaged(env: &Env, id: &str, want: &Expected, may_succeed: bool, names: &[String]) {
+fn assert_restore_damaged(
+    env: &Env,
+    id: &str,
+    want: &Expected,
+    may_succeed: bool,
+    names: &[String],
+) {
     for to in [None, Some("raw")] {
         let (target, got) = env.try_restore(id, to);
         match got {
             Ok(got) => {
-                assert!(may_succeed, "restore of damaged snapshot {id} succeeded (--to {to:?})");
-                assert_eq!(&got, want, "restore of {id} wrote wrong bytes without an error (--to {to:?})");
+                assert!(
+                    may_succeed,
+                    "restore of damaged snapshot {id} succeeded (--to {to:?})"
+                );
+                assert_eq!(
+                    &got, want,
+                    "restore of {id} wrote wrong bytes without an error (--to {to:?})"
+                );
             }
             Err(out) => {
                 assert_ne!(out.status.code(), None, "restore crashed:\n{}", both(&out));
@@ -142,7 +176,12 @@ fn damaged_pack_data_is_detected_and_never_restored_wrong() {
         let at = flip(&mut rng, pack, 0..blob_area_len(&bytes));
         eprintln!("round {round}: flipped {at:?} in {}", pack.display());
         assert_check_names(&r.env, std::slice::from_ref(pack));
-        let names = vec![short(pack), id[..8].to_string(), "alpha-disk".into(), "alpha.vmcx".into()];
+        let names = vec![
+            short(pack),
+            id[..8].to_string(),
+            "alpha-disk".into(),
+            "alpha.vmcx".into(),
+        ];
         assert_restore_damaged(&r.env, id, want, false, &names);
         // The other snapshot is intact.
         let (id2, want2, _) = &r.snaps[1];
@@ -162,7 +201,12 @@ fn damaged_index_and_manifest_are_detected() {
         let len = std::fs::metadata(damaged).unwrap().len() as usize;
         flip(&mut rng, damaged, 0..len);
         assert_check_names(&r.env, std::slice::from_ref(damaged));
-        let names = vec![short(damaged), id[..8].to_string(), "alpha-disk".into(), "alpha.vmcx".into()];
+        let names = vec![
+            short(damaged),
+            id[..8].to_string(),
+            "alpha-disk".into(),
+            "alpha.vmcx".into(),
+        ];
         if round == 0 {
             // The index can be rebuilt from the packs' own trailers: a restore may succeed, but
             // only with the right bytes.
@@ -171,7 +215,11 @@ fn damaged_index_and_manifest_are_detected() {
             // The manifest is gone: the snapshot is unreadable (or not even listed).
             let (target, got) = r.env.try_restore(id, None);
             let out = got.expect_err("restore of a snapshot with a damaged manifest succeeded");
-            assert!(String::from_utf8_lossy(&out.stderr).contains("error:"), "{}", both(&out));
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("error:"),
+                "{}",
+                both(&out)
+            );
             assert!(!target.join("alpha-disk.vhdx").exists());
         }
         let (id2, want2, _) = &r.snaps[1];
@@ -199,7 +247,11 @@ fn random_damage_anywhere() {
         for (id, want, files) in &r.snaps {
             let hit: Vec<&PathBuf> = damaged
                 .iter()
-                .filter(|d| files.packs.contains(d) || files.index.contains(d) || files.snapshots.contains(d))
+                .filter(|d| {
+                    files.packs.contains(d)
+                        || files.index.contains(d)
+                        || files.snapshots.contains(d)
+                })
                 .collect();
             if hit.is_empty() {
                 r.env.assert_restores(id, want, None);
@@ -208,7 +260,10 @@ fn random_damage_anywhere() {
                 // success is allowed, wrong bytes are not.
                 let mut names: Vec<String> = hit.iter().map(|p| short(p)).collect();
                 names.push(id[..8].to_string());
-                names.extend(want.keys().map(|k| k.trim_start_matches("disk:").to_string()));
+                names.extend(
+                    want.keys()
+                        .map(|k| k.trim_start_matches("disk:").to_string()),
+                );
                 assert_restore_damaged(&r.env, id, want, true, &names);
             }
         }

@@ -19,7 +19,10 @@ use std::time::{Duration, Instant};
 use support::*;
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 struct Tracker {
@@ -41,7 +44,10 @@ impl Tracker {
         }
         // Nothing we did may make a snapshot disappear except `forget`.
         for id in self.known.keys() {
-            assert!(ids.contains(id), "snapshot {id} vanished from the repository");
+            assert!(
+                ids.contains(id),
+                "snapshot {id} vanished from the repository"
+            );
         }
         n
     }
@@ -58,10 +64,18 @@ fn sigkill_backup_and_prune_at_random_moments() {
 
     let env = Env::new();
     env.init();
-    let mut vm = SourceVm::create(env.path(), "crashvm", 4 * data_mib * MIB, data_mib * MIB, rng.next_u64());
+    let mut vm = SourceVm::create(
+        env.path(),
+        "crashvm",
+        4 * data_mib * MIB,
+        data_mib * MIB,
+        rng.next_u64(),
+    );
     let change = data_mib * MIB / 4;
 
-    let mut t = Tracker { known: BTreeMap::new() };
+    let mut t = Tracker {
+        known: BTreeMap::new(),
+    };
     let mut current = vm.expected();
     let backup_args = Env::backup_args(&vm);
     let backup_args: Vec<&str> = backup_args.iter().map(|s| s.as_str()).collect();
@@ -86,7 +100,10 @@ fn sigkill_backup_and_prune_at_random_moments() {
     let mut round = 0u64;
     while kills < total_kills {
         round += 1;
-        assert!(round < total_kills * 4, "too many rounds: the processes finish before the kills");
+        assert!(
+            round < total_kills * 4,
+            "too many rounds: the processes finish before the kills"
+        );
         let is_prune = round % prune_every == 0;
         let (kind, args, expect): (&str, Vec<&str>, Duration) = if is_prune {
             // Give prune work: drop all but the newest three snapshots.
@@ -107,7 +124,11 @@ fn sigkill_backup_and_prune_at_random_moments() {
             *kills_by_kind.entry(kind).or_default() += 1;
         } else {
             completed += 1;
-            assert!(out.status.success(), "{kind} (not killed) failed:\n{}", both(&out));
+            assert!(
+                out.status.success(),
+                "{kind} (not killed) failed:\n{}",
+                both(&out)
+            );
             // It ran longer than measured before: widen the window.
             if kind == "prune" {
                 prune_time = prune_time.max(delay);
@@ -135,7 +156,10 @@ fn sigkill_backup_and_prune_at_random_moments() {
         // The next backup succeeds.
         let (_, took) = timed(|| env.backup(&vm));
         let n = t.adopt_new(&env, &current);
-        assert_eq!(n, 1, "round {round}: the backup after the kill must add exactly one snapshot");
+        assert_eq!(
+            n, 1,
+            "round {round}: the backup after the kill must add exactly one snapshot"
+        );
         if kind == "backup" {
             backup_time = (backup_time * 3 + took) / 4;
         }

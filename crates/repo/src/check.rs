@@ -101,11 +101,11 @@ impl ReadData {
                 let h = crypto::hash(name.as_bytes());
                 let mut b = [0u8; 8];
                 b.copy_from_slice(&h.0[..8]);
-                let position = u64::from_be_bytes(b) as f64 / 18_446_744_073_709_551_616.0;
-                let width = percent / 100.0;
-                let start = (seed as f64 * width).fract();
-                let rel = (position - start).rem_euclid(1.0);
-                rel < width
+                let position = u64::from_be_bytes(b);
+                // Integer windows, so consecutive seeds tile the hash space exactly.
+                let width = (percent / 100.0 * 18_446_744_073_709_551_616.0) as u64;
+                let start = (u128::from(seed) * u128::from(width)) as u64;
+                position.wrapping_sub(start) < width
             }
         }
     }
@@ -200,7 +200,8 @@ struct PackRecord {
 /// Packs larger than this are not read whole (no pack hyperkeep writes comes close: packs end
 /// just past the configured pack size).
 fn read_cap(repo: &Repository) -> u64 {
-    (repo.config().pack_size as u64)
+    repo.config()
+        .pack_size
         .saturating_mul(2)
         .saturating_add(64 << 20)
 }
@@ -343,7 +344,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
         .filter(|n| Id::from_hex(n).map_or(true, |id| !packs.contains_key(&id)))
         .collect();
     unindexed.sort();
-    for n in unindexed {
+    for n in &unindexed {
         report.warnings.push(format!(
             "pack {n} is not in any index (left by an interrupted backup or prune; `hyperkeep \
              prune` removes it once it is old enough)"
@@ -450,6 +451,44 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
                     affected: vec![],
                     lost: missing,
                 });
+            }
+        }
+    }
+
+    // Blobs that snapshots need but no usable index lists may still sit in packs that no index
+    // mentions (an index file was lost or damaged). Their trailers say so, at two small reads
+    // per pack; the report then tells "data present, index incomplete" from "data lost".
+    let needed: HashSet<Id> = problems
+        .iter()
+        .filter(|p| p.object.starts_with("snapshot "))
+        .flat_map(|p| p.lost.iter().copied())
+        .collect();
+    if !needed.is_empty() && !unindexed.is_empty() {
+        let mut found: HashMap<Id, String> = HashMap::new();
+        for n in &unindexed {
+            let (Ok(id), Some(info)) = (Id::from_hex(n), stored.get(*n)) else {
+                continue;
+            };
+            if let Ok(entries) = repo.read_pack_trailer(&id, info.size) {
+                for e in entries {
+                    if needed.contains(&e.id) {
+                        found.entry(e.id).or_insert_with(|| (*n).clone());
+                    }
+                }
+            }
+        }
+        for p in problems
+            .iter_mut()
+            .filter(|p| p.object.starts_with("snapshot "))
+        {
+            let present: Vec<&String> = p.lost.iter().filter_map(|id| found.get(id)).collect();
+            if let Some(first) = present.first() {
+                p.detail.push_str(&format!(
+                    "; {} of them are present in packs that no index lists (e.g. pack {first}): \
+                     the data exists, the index is incomplete and can be rebuilt from the pack \
+                     trailers",
+                    present.len()
+                ));
             }
         }
     }
@@ -710,5 +749,84 @@ fn attribute(
                 },
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| crypto::hash(&(i as u64).to_le_bytes()).to_hex())
+            .collect()
+    }
+
+    #[test]
+    fn subsets_are_deterministic_disjoint_and_cover_everything() {
+        let names = names(2000);
+        for percent in [10.0, 25.0, 33.0, 50.0] {
+            let runs = (100.0f64 / percent).ceil() as u64;
+            let mut seen = vec![0u32; names.len()];
+            for seed in 0..runs {
+                let sel = ReadData::Subset { percent, seed };
+                let picked: Vec<usize> = (0..names.len())
+                    .filter(|&i| sel.selects(&names[i]))
+                    .collect();
+                // Roughly the requested share (2000 uniform names: well within ±40%).
+                let share = picked.len() as f64 / names.len() as f64 * 100.0;
+                if seed + 1 < runs || (100.0 % percent) == 0.0 {
+                    assert!(
+                        (share - percent).abs() < percent * 0.4,
+                        "{percent}% seed {seed}: {share}"
+                    );
+                }
+                for i in picked {
+                    seen[i] += 1;
+                }
+                // Deterministic.
+                let again: Vec<usize> = (0..names.len())
+                    .filter(|&i| sel.selects(&names[i]))
+                    .collect();
+                let first: Vec<usize> = (0..names.len())
+                    .filter(|&i| sel.selects(&names[i]))
+                    .collect();
+                assert_eq!(again, first);
+            }
+            // Every pack read at least once over ⌈100/N⌉ seeds; exactly once when N divides 100.
+            assert!(
+                seen.iter().all(|&c| c >= 1),
+                "{percent}%: some pack never selected"
+            );
+            if 100.0 % percent == 0.0 {
+                assert!(seen.iter().all(|&c| c == 1), "{percent}%: overlap");
+            }
+        }
+        assert!(names.iter().all(|n| ReadData::All.selects(n)));
+        assert!(!names.iter().any(|n| ReadData::None.selects(n)));
+        let all = ReadData::Subset {
+            percent: 100.0,
+            seed: 7,
+        };
+        assert!(names.iter().all(|n| all.selects(n)));
+    }
+
+    #[test]
+    fn expected_pack_size_follows_the_layout() {
+        use crate::pack::BlobKind;
+        let e = |offset, stored_len| BlobEntry {
+            id: Id([offset as u8; 32]),
+            kind: BlobKind::Data,
+            compressed: true,
+            offset,
+            stored_len,
+            raw_len: 1000,
+        };
+        assert_eq!(
+            expected_pack_size(&[e(0, 100), e(100, 50)]).unwrap(),
+            150 + 40 + 4 + 2 * 58 + 12
+        );
+        assert!(expected_pack_size(&[e(0, 100), e(90, 50)]).is_err());
+        assert!(expected_pack_size(&[e(10, 100)]).is_err());
     }
 }

@@ -251,7 +251,7 @@ pub fn decide(
         ));
     }
     let now: DateTime<Utc> = now.into();
-    let mut groups: BTreeMap<&str, Vec<(&Candidate<'_>, Option<DateTime<Utc>>)>> = BTreeMap::new();
+    let mut groups: BTreeMap<&str, Vec<Timed<'_, '_>>> = BTreeMap::new();
     for s in snapshots {
         if !policy.tags.iter().all(|t| tag_matches(s.tags, t)) {
             continue;
@@ -270,14 +270,13 @@ pub fn decide(
     Ok(out)
 }
 
+/// A candidate with its parsed time (`None` when unreadable).
+type Timed<'c, 'a> = (&'c Candidate<'a>, Option<DateTime<Utc>>);
+
 /// A period key: snapshots with equal keys fall in the same hour/day/week/month/year.
 type PeriodFn = fn(&DateTime<Utc>) -> (i32, u32, u32, u32);
 
-fn decide_group(
-    group: &[(&Candidate<'_>, Option<DateTime<Utc>>)],
-    policy: &KeepPolicy,
-    now: DateTime<Utc>,
-) -> Vec<Decision> {
+fn decide_group(group: &[Timed<'_, '_>], policy: &KeepPolicy, now: DateTime<Utc>) -> Vec<Decision> {
     let mut reasons: Vec<Vec<String>> = vec![Vec::new(); group.len()];
 
     if let Some(n) = policy.last {

@@ -310,6 +310,16 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     let mut writer = PackWriter::new(repo.config().pack_size);
     for p in &repack {
         let name = p.to_hex();
+        // Bounded memory: packs end just past the configured size; anything far larger is not
+        // a pack we wrote, and is not read whole.
+        let cap = repo.config().pack_size.saturating_mul(2).saturating_add(64 << 20);
+        if stored[p].size > cap {
+            return Err(refuse(format!(
+                "pack {name} is {} bytes, far larger than any pack hyperkeep writes; run \
+                 `hyperkeep check --read-data`",
+                stored[p].size
+            )));
+        }
         let bytes = repo.backend().get(ObjectKind::Pack, &name)?;
         if crypto::hash(&bytes) != *p {
             return Err(refuse(format!(
@@ -350,7 +360,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
                 blobs: by_pack[p].clone(),
             })
             .collect();
-        packs.sort_by(|a, b| a.id.cmp(&b.id));
+        packs.sort_by_key(|p| p.id);
         packs.extend(new_packs);
         let supersedes: Vec<Id> = index_names
             .iter()

@@ -340,8 +340,24 @@ pub fn load_table(repo: &Repository, index: &Index, disk: &DiskEntry) -> Result<
     validate_disk_entry(disk)?;
     let count = disk.chunk_count();
     let mut table = Vec::with_capacity(count as usize);
+    let covers = u64::from(disk.chunk_size) * TABLE_BLOB_ENTRIES as u64;
     for (i, blob_id) in disk.tables.iter().enumerate() {
-        let raw = repo.read_chunk(index, blob_id)?;
+        let lost = || {
+            let start = (i as u64).saturating_mul(covers).min(disk.virtual_size);
+            let end = start.saturating_add(covers).min(disk.virtual_size);
+            format!(
+                "chunk table blob {blob_id} of disk '{}' (offsets {start} to {end}) is lost",
+                disk.name
+            )
+        };
+        let raw = repo.read_chunk(index, blob_id).map_err(|e| match e {
+            Error::Corrupt { object, detail } => Error::Corrupt {
+                object,
+                detail: format!("{detail}; {}", lost()),
+            },
+            Error::Missing(object) => Error::Missing(format!("{object}; {}", lost())),
+            other => other,
+        })?;
         let object = format!("chunk table blob {blob_id} of disk '{}'", disk.name);
         let part = blob_to_table(&raw, &object)?;
         let want = (count - (i * TABLE_BLOB_ENTRIES) as u64).min(TABLE_BLOB_ENTRIES as u64);

@@ -369,6 +369,17 @@ pub struct NtfsFs {
     units: Mutex<Lru<(u64, String, u64), Arc<Vec<u8>>>>,
 }
 
+impl std::fmt::Debug for NtfsFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NtfsFs")
+            .field("label", &self.label)
+            .field("cluster_size", &self.geo.cluster)
+            .field("record_size", &self.geo.record_size)
+            .field("mft_records", &(self.mft.data_size / self.geo.record_size as u64))
+            .finish()
+    }
+}
+
 /// Open the NTFS filesystem in `volume`.
 pub fn open(volume: Volume) -> Result<NtfsFs> {
     NtfsFs::open(volume)
@@ -675,7 +686,11 @@ impl NtfsFs {
             .index_root
             .as_ref()
             .ok_or_else(|| corrupt(format!("directory record {dir} has no $I30 index root")))?;
-        let ir_size = le32(root, 8).unwrap_or(0) as u64;
+        // The index root states its record size; the boot sector's value is the volume default.
+        let ir_size = match le32(root, 8).unwrap_or(0) as u64 {
+            0 => self.boot.index_record_size as u64,
+            n => n,
+        };
         let mut out = Vec::new();
         let mut walk = Walk {
             fs: self,
@@ -830,7 +845,6 @@ impl NtfsFs {
 
 struct FileNameKey {
     node: u64,
-    seq: u16,
     name: String,
     lossy: bool,
     namespace: u8,
@@ -849,7 +863,6 @@ fn parse_file_name(v: &[u8]) -> Option<FileNameKey> {
     let (name, lossy) = utf16(raw);
     Some(FileNameKey {
         node: parent & 0x0000_FFFF_FFFF_FFFF,
-        seq: (parent >> 48) as u16,
         name,
         lossy,
         namespace,

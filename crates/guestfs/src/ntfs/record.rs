@@ -88,7 +88,6 @@ pub enum Body {
 #[derive(Clone, Debug)]
 pub struct NonResident {
     pub start_vcn: u64,
-    pub last_vcn: u64,
     pub runs: Vec<Run>,
     pub compression_unit: u8,
     pub alloc_size: u64,
@@ -102,7 +101,6 @@ pub struct Attr {
     pub ty: u32,
     pub name: String,
     pub flags: u16,
-    pub id: u16,
     pub body: Body,
 }
 
@@ -161,7 +159,6 @@ fn parse_attr(a: &[u8], total_clusters: u64) -> Result<Attr, String> {
     let name_len = a[9] as usize;
     let name_off = le16(a, 0x0A).unwrap_or(0) as usize;
     let flags = le16(a, 0x0C).unwrap_or(0);
-    let id = le16(a, 0x0E).unwrap_or(0);
     let name = if name_len == 0 {
         String::new()
     } else {
@@ -211,7 +208,6 @@ fn parse_attr(a: &[u8], total_clusters: u64) -> Result<Attr, String> {
         }
         Body::NonResident(NonResident {
             start_vcn,
-            last_vcn,
             runs,
             compression_unit: compression_unit as u8,
             alloc_size,
@@ -224,7 +220,6 @@ fn parse_attr(a: &[u8], total_clusters: u64) -> Result<Attr, String> {
         ty,
         name,
         flags,
-        id,
         body,
     })
 }

@@ -155,7 +155,7 @@ def main_image(out):
 
 def frag_image(out):
     r = random.Random(7)
-    b = Builder(out, "frag", int(os.environ.get("NTFS_FRAG_MB", "32")))
+    b = Builder(out, "frag", int(os.environ.get("NTFS_FRAG_MB", "48")))
     # Fill the volume with small files, then free every other one: later allocations ($MFT
     # growth, directory indexes, big files) land in many small holes.
     b.mkdir("fill")
@@ -167,6 +167,8 @@ def frag_image(out):
         except OSError:
             break
         n += 1
+    # The file that hit "no space" exists, partly written: drop it, and one more to make room.
+    os.remove(b.m("fill/f%05d" % n))
     os.remove(b.m("fill/f%05d" % (n - 1)))
     n -= 1
     for i in range(0, n, 2):
@@ -175,16 +177,47 @@ def frag_image(out):
         b.entries["fill/f%05d" % i] = {"type": "file", "size": 4096, "streams": {}, "nlink": 1}
         with open(os.path.join(b.src, "fill/f%05d" % i), "wb") as f:
             f.write(bytes([i % 251]) * 4096)
-    b.file("large1.bin", r.randbytes(2_000_000))
+    b.file("large1.bin", r.randbytes(1_000_000))
+    # The directory grows its index one 4 KiB record at a time; a 4 KiB spacer file written
+    # right after each growth takes the next free cluster, so every index record becomes its own
+    # run and the index's runlist overflows into further MFT records.
     b.mkdir("hugedir")
-    for i in range(int(os.environ.get("NTFS_FRAG_FILES", "6000"))):
+    b.mkdir("spacers")
+    last = os.stat(b.m("hugedir")).st_size
+    spacers = 0
+    for i in range(int(os.environ.get("NTFS_FRAG_FILES", "9000"))):
         b.file("hugedir/entry_with_quite_a_long_name_%05d.dat" % i, b"", stamp=(i % 500 == 0))
-    b.file("large2.bin", r.randbytes(1_500_000))
+        size = os.stat(b.m("hugedir")).st_size
+        if size != last:
+            last = size
+            b.file("spacers/s%05d" % spacers, bytes([spacers % 256]) * 4096, stamp=False)
+            spacers += 1
+    b.file("large2.bin", r.randbytes(500_000))
     b.finish({"fill_count": n})
+
+def small_image(out):
+    r = random.Random(11)
+    b = Builder(out, "small", 16)
+    b.file("small.txt", b"small resident file\n")
+    b.file("data.bin", r.randbytes(100_000))
+    b.mkdir("d")
+    for i in range(60):
+        b.file("d/entry_number_%03d_with_a_long_name.txt" % i, b"%d" % i)
+    b.mkdir("d2")
+    b.file("d2/a.txt", b"a")
+    b.file("d2/b.txt", b"b")
+    b.mkdir("comp", attrib=0x810)
+    b.file("comp/text.txt", b"".join(b"compressible line %05d\n" % i for i in range(9000)))
+    b.file("ads.txt", b"x")
+    b.stream("ads.txt", "s", b"stream")
+    b.file("sym", b"", stamp=False)
+    set_reparse(b.m("sym"), reparse_link(0xA000000C, "small.txt", "small.txt", True))
+    b.entries["sym"] = {"type": "symlink", "target": "small.txt", "streams": {}}
+    b.finish({})
 
 if __name__ == "__main__":
     try:
-        {"main": main_image, "frag": frag_image}[sys.argv[1]](sys.argv[2])
+        {"main": main_image, "frag": frag_image, "small": small_image}[sys.argv[1]](sys.argv[2])
     except BaseException:
         subprocess.run(["umount", os.path.join(sys.argv[2], "mnt-" + sys.argv[1])], stderr=subprocess.DEVNULL)
         raise

@@ -22,10 +22,19 @@ fn size(s: Option<u64>) -> String {
     s.map(human).unwrap_or_else(|| "-".into())
 }
 
-pub fn run(cli: &Cli, spec1: &str, spec2: &str) -> Result<u8> {
+pub fn run(cli: &Cli, spec1: &str, spec2: &str, vm: Option<&str>) -> Result<u8> {
     let repo = repo_open::open(cli)?;
-    let old = find_snapshot(&repo, spec1, None)?;
-    let new = find_snapshot(&repo, spec2, None)?;
+    // --vm only narrows `latest`: an explicit id may name any VM's snapshot.
+    let resolve = |spec: &str| {
+        let vm = if spec.trim().eq_ignore_ascii_case("latest") {
+            vm
+        } else {
+            None
+        };
+        find_snapshot(&repo, spec, vm)
+    };
+    let old = resolve(spec1)?;
+    let new = resolve(spec2)?;
     let index = repo.load_index()?;
     let d = diff(&repo, &index, (&old.0, &old.1), (&new.0, &new.1))?;
     if cli.json {
@@ -41,7 +50,10 @@ pub fn run(cli: &Cli, spec1: &str, spec2: &str) -> Result<u8> {
         new.1.vm,
         super::local_time(&new.1.time)
     );
-    let mut t = super::Columns::new(&["", "NAME", "CHANGE", "OLD SIZE", "NEW SIZE", "CHANGED"], &[3, 4, 5]);
+    let mut t = super::Columns::new(
+        &["", "NAME", "CHANGE", "OLD SIZE", "NEW SIZE", "CHANGED"],
+        &[3, 4, 5],
+    );
     for x in &d.disks {
         t.push(vec![
             "disk".into(),

@@ -42,7 +42,11 @@ pub fn run(cli: &Cli, args: &ForgetArgs) -> Result<u8> {
         let ids = forget_ids(&repo, &args.ids, args.dry_run)?;
         if !cli.json {
             for id in &ids {
-                let verb = if args.dry_run { "would remove" } else { "removed" };
+                let verb = if args.dry_run {
+                    "would remove"
+                } else {
+                    "removed"
+                };
                 println!("{verb} snapshot {}", short_id(id));
             }
         }
@@ -75,7 +79,10 @@ fn print_decisions(r: &repo::forget::ForgetReport, pruning: bool) {
             }
             println!("\nVM {}:", d.vm);
             vm = Some(&d.vm);
-            t = Some(super::Columns::new(&["ID", "TIME", "ACTION", "REASONS"], &[]));
+            t = Some(super::Columns::new(
+                &["ID", "TIME", "ACTION", "REASONS"],
+                &[],
+            ));
         }
         if let Some(t) = t.as_mut() {
             t.push(vec![

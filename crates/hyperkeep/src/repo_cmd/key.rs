@@ -23,8 +23,8 @@ pub fn run(cli: &Cli, cmd: &KeyCommand) -> Result<u8> {
                     if k.current { "*" } else { "" }.into(),
                     k.id.clone(),
                     super::local_time(&k.created),
-                    k.username.clone(),
-                    k.hostname.clone(),
+                    or_dash(&k.username),
+                    or_dash(&k.hostname),
                 ]);
             }
             print!("{}", t.render());
@@ -49,4 +49,12 @@ pub fn run(cli: &Cli, cmd: &KeyCommand) -> Result<u8> {
         }
     }
     Ok(EXIT_OK)
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
 }

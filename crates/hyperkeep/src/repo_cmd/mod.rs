@@ -1,4 +1,5 @@
-//! The repository commands, one module per command. Each `run` opens the repository through
+//! Command dispatch (`disk` goes to [`crate::disk`]) and the repository commands, one module
+//! per command. Each `run` opens the repository through
 //! [`crate::repo_open`], calls the `repo` crate, and prints for people or as JSON (`--json`).
 //! Exit codes follow the contract (`crate::EXIT_*`); errors are mapped in `crate::output`.
 
@@ -23,7 +24,7 @@ use crate::cli::{Cli, Command};
 
 pub fn run(cli: &Cli) -> Result<u8> {
     match &cli.command {
-        Command::Disk(_) => unreachable!("disk commands are run by crate::disk"),
+        Command::Disk(cmd) => crate::disk::run(cmd, cli.json),
         Command::Init { chunk_size } => init::run(cli, *chunk_size),
         Command::Backup(args) => backup::run(cli, args),
         Command::Snapshots { vm } => snapshots::run(cli, vm.as_deref()),
@@ -43,7 +44,8 @@ pub fn run(cli: &Cli) -> Result<u8> {
         Command::Diff {
             snapshot1,
             snapshot2,
-        } => diff::run(cli, snapshot1, snapshot2),
+            vm,
+        } => diff::run(cli, snapshot1, snapshot2, vm.as_deref()),
         Command::Key(cmd) => key::run(cli, cmd),
         Command::Unlock { remove_all } => unlock::run(cli, *remove_all),
     }

@@ -77,6 +77,9 @@ pub fn run(cli: &Cli, vm: Option<&str>) -> Result<u8> {
         ]);
     }
     print!("{}", t.render());
-    println!("{}", super::plural(snaps.len() as u64, "snapshot", "snapshots"));
+    println!(
+        "{}",
+        super::plural(snaps.len() as u64, "snapshot", "snapshots")
+    );
     Ok(EXIT_OK)
 }

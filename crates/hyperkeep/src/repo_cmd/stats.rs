@@ -18,12 +18,45 @@ pub fn run(cli: &Cli) -> Result<u8> {
         return Ok(EXIT_OK);
     }
     let rows = [
-        ("snapshots", format!("{} of {}", s.snapshots, super::plural(s.vms, "VM", "VMs"))),
-        ("restore size", format!("{} (all snapshots' disks and files)", human(s.total_restore_size))),
-        ("data", format!("{} (non-zero chunks, before deduplication)", human(s.total_data_bytes))),
-        ("unique data", format!("{} in {} blobs ({} data, {} table)", human(s.unique_raw_bytes), s.blobs, s.data_blobs, s.tree_blobs)),
-        ("stored", format!("{} after compression and encryption", human(s.unique_stored_bytes))),
-        ("packs", format!("{} ({} on disk)", s.packs, human(s.pack_bytes))),
+        (
+            "snapshots",
+            format!("{} of {}", s.snapshots, super::plural(s.vms, "VM", "VMs")),
+        ),
+        (
+            "restore size",
+            format!(
+                "{} (all snapshots' disks and files)",
+                human(s.total_restore_size)
+            ),
+        ),
+        (
+            "data",
+            format!(
+                "{} (non-zero chunks, before deduplication)",
+                human(s.total_data_bytes)
+            ),
+        ),
+        (
+            "unique data",
+            format!(
+                "{} in {} blobs ({} data, {} table)",
+                human(s.unique_raw_bytes),
+                s.blobs,
+                s.data_blobs,
+                s.tree_blobs
+            ),
+        ),
+        (
+            "stored",
+            format!(
+                "{} after compression and encryption",
+                human(s.unique_stored_bytes)
+            ),
+        ),
+        (
+            "packs",
+            format!("{} ({} on disk)", s.packs, human(s.pack_bytes)),
+        ),
         ("deduplication", format!("{:.2}x", s.dedup_ratio)),
         ("compression", format!("{:.2}x", s.compression_ratio)),
     ];

@@ -17,13 +17,20 @@ pub fn run(cli: &Cli, remove_all: bool) -> Result<u8> {
             .collect();
         super::print_json(&json!({ "removed": v }))?;
     } else if removed.is_empty() {
-        println!("no {}locks to remove", if remove_all { "" } else { "stale " });
+        println!(
+            "no {}locks to remove",
+            if remove_all { "" } else { "stale " }
+        );
     } else {
         for l in &removed {
             match &l.info {
                 Some(i) => println!(
                     "removed {} lock of `{}` on {} (pid {}, {}){}",
-                    if i.exclusive { "an exclusive" } else { "a shared" },
+                    if i.exclusive {
+                        "an exclusive"
+                    } else {
+                        "a shared"
+                    },
                     i.operation,
                     i.hostname,
                     i.pid,

@@ -116,7 +116,12 @@ pub fn sha256_file(path: &Path) -> String {
         .arg(path)
         .output()
         .unwrap_or_else(|e| sha256sum_missing(e));
-    assert!(out.status.success(), "sha256sum {}: {}", path.display(), both(&out));
+    assert!(
+        out.status.success(),
+        "sha256sum {}: {}",
+        path.display(),
+        both(&out)
+    );
     String::from_utf8_lossy(&out.stdout)[..64].to_string()
 }
 
@@ -170,7 +175,9 @@ pub fn repo_files(repo: &Path, kind: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![repo.join(kind)];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd {
             let e = e.unwrap();
             if e.file_type().unwrap().is_dir() {
@@ -207,7 +214,13 @@ pub type Expected = BTreeMap<String, String>;
 impl SourceVm {
     /// A VM named `name` in `dir/name/`, with `data_bytes` of non-zero data spread over a disk of
     /// `virtual_size` bytes (in runs that are not aligned to chunk boundaries).
-    pub fn create(dir: &Path, name: &str, virtual_size: u64, data_bytes: u64, seed: u64) -> SourceVm {
+    pub fn create(
+        dir: &Path,
+        name: &str,
+        virtual_size: u64,
+        data_bytes: u64,
+        seed: u64,
+    ) -> SourceVm {
         let vm_dir = dir.join(name);
         std::fs::create_dir_all(&vm_dir).unwrap();
         let disk = vm_dir.join(format!("{name}-disk.vhdx"));
@@ -240,7 +253,11 @@ impl SourceVm {
             let buf = match self.rng.below(10) {
                 0 => vec![0u8; len as usize],
                 1 | 2 => {
-                    let line = format!("log line {} of VM {}: all is well\n", self.rng.next_u64(), self.name);
+                    let line = format!(
+                        "log line {} of VM {}: all is well\n",
+                        self.rng.next_u64(),
+                        self.name
+                    );
                     line.bytes().cycle().take(len as usize).collect()
                 }
                 _ => self.rng.bytes(len as usize),
@@ -282,7 +299,10 @@ impl SourceVm {
 
 fn is_disk_name(p: &Path) -> bool {
     matches!(
-        p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref(),
+        p.extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref(),
         Some("vhdx" | "avhdx" | "vhd" | "avhd" | "raw" | "img")
     )
 }
@@ -324,9 +344,16 @@ pub struct Env {
 impl Env {
     /// A scratch directory with a repository location `repo/` (not yet initialised).
     pub fn new() -> Env {
-        let tmp = tempfile::Builder::new().prefix("hk-e2e-").tempdir().unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("hk-e2e-")
+            .tempdir()
+            .unwrap();
         let repo = tmp.path().join("repo");
-        Env { tmp, repo, password: PASSWORD.to_string() }
+        Env {
+            tmp,
+            repo,
+            password: PASSWORD.to_string(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -368,7 +395,11 @@ impl Env {
 
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(out.status.success(), "hyperkeep {args:?} failed:\n{}", both(&out));
+        assert!(
+            out.status.success(),
+            "hyperkeep {args:?} failed:\n{}",
+            both(&out)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -385,7 +416,12 @@ impl Env {
     }
 
     pub fn backup_args(vm: &SourceVm) -> Vec<String> {
-        let mut a = vec!["--json".to_string(), "backup".into(), "--vm".into(), vm.name.clone()];
+        let mut a = vec![
+            "--json".to_string(),
+            "backup".into(),
+            "--vm".into(),
+            vm.name.clone(),
+        ];
         a.extend(vm.paths().iter().map(|p| s(p).to_string()));
         a
     }
@@ -395,22 +431,37 @@ impl Env {
         let a = Self::backup_args(vm);
         let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
         let out = self.run(&a);
-        assert!(out.status.success(), "backup of {} failed:\n{}", vm.name, both(&out));
+        assert!(
+            out.status.success(),
+            "backup of {} failed:\n{}",
+            vm.name,
+            both(&out)
+        );
         backup_id(&String::from_utf8_lossy(&out.stdout))
     }
 
     /// Ids of all snapshots.
     pub fn snapshot_ids(&self) -> Vec<String> {
         let v = self.json(&["snapshots"]);
-        let arr = v.as_array().unwrap_or_else(|| panic!("snapshots --json is not an array: {v}"));
+        let arr = v
+            .as_array()
+            .unwrap_or_else(|| panic!("snapshots --json is not an array: {v}"));
         arr.iter()
-            .map(|s| s["id"].as_str().unwrap_or_else(|| panic!("snapshot without id: {s}")).to_string())
+            .map(|s| {
+                s["id"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("snapshot without id: {s}"))
+                    .to_string()
+            })
             .collect()
     }
 
     /// Restore `id` into a fresh directory; Ok(hashes) or Err(output) when the restore failed.
     pub fn try_restore(&self, id: &str, to: Option<&str>) -> (PathBuf, Result<Expected, Output>) {
-        let target = self.tmp.path().join(format!("restore-{}", &id[..id.len().min(16)]));
+        let target = self
+            .tmp
+            .path()
+            .join(format!("restore-{}", &id[..id.len().min(16)]));
         let _ = std::fs::remove_dir_all(&target);
         let mut a = vec!["restore", id, "--target", s(&target)];
         if let Some(f) = to {
@@ -428,7 +479,10 @@ impl Env {
     pub fn assert_restores(&self, id: &str, want: &Expected, to: Option<&str>) {
         let (target, got) = self.try_restore(id, to);
         match got {
-            Ok(got) => assert_eq!(&got, want, "snapshot {id} restored different content (--to {to:?})"),
+            Ok(got) => assert_eq!(
+                &got, want,
+                "snapshot {id} restored different content (--to {to:?})"
+            ),
             Err(out) => panic!("restore of snapshot {id} failed:\n{}", both(&out)),
         }
         let _ = std::fs::remove_dir_all(&target);
@@ -439,7 +493,12 @@ impl Env {
         let mut a = vec!["check"];
         a.extend_from_slice(args);
         let out = self.run(&a);
-        assert_eq!(out.status.code(), Some(0), "check {args:?} is not clean:\n{}", both(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "check {args:?} is not clean:\n{}",
+            both(&out)
+        );
         out
     }
 }

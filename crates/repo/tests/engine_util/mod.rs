@@ -18,13 +18,17 @@ pub const PASSWORD: &str = "engine test password";
 /// A new repository at `dir/repo` with 1 MiB chunks and small (1 MiB) packs, so tests also
 /// cross pack boundaries.
 pub fn new_repo(dir: &Path) -> Repository {
+    new_repo_with_pack(dir, 1 << 20)
+}
+
+pub fn new_repo_with_pack(dir: &Path, pack_size: u64) -> Repository {
     let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(dir.join("repo")));
     Repository::init(
         backend,
         PASSWORD,
         InitOptions {
             chunk_size: 1 << 20,
-            pack_size: 1 << 20,
+            pack_size,
             compression_level: 1,
             kdf: Some(KdfParams::FAST_FOR_TESTS),
         },

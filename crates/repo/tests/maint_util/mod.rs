@@ -2,7 +2,7 @@
 //! few raw-disk snapshots whose exact content the test knows.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -67,9 +67,13 @@ pub struct Vm {
 
 impl Vm {
     pub fn new(dir: &Path, name: &str) -> Vm {
-        let mut disk = vec![0u8; DISK_SIZE as usize];
+        Vm::with_size(dir, name, DISK_SIZE)
+    }
+
+    pub fn with_size(dir: &Path, name: &str, size: u64) -> Vm {
+        let mut disk = vec![0u8; size as usize];
         // Half the disk holds data, the rest stays zero (zero chunks are never stored).
-        disk[..(DISK_SIZE / 2) as usize].copy_from_slice(&noise(1, (DISK_SIZE / 2) as usize));
+        disk[..(size / 2) as usize].copy_from_slice(&noise(1, (size / 2) as usize));
         let vm = Vm {
             dir: dir.to_path_buf(),
             name: name.into(),
@@ -94,9 +98,16 @@ impl Vm {
     }
 
     pub fn backup(&self, repo: &Repository) -> (String, Snapshot) {
+        self.backup_tagged(repo, &[])
+    }
+
+    pub fn backup_tagged(&self, repo: &Repository, tags: &[(&str, &str)]) -> (String, Snapshot) {
         let opts = BackupOptions {
             vm: self.name.clone(),
-            tags: BTreeMap::new(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             paths: vec![self.dir.join("disk.raw"), self.dir.join("vm.vmcx")],
             threads: 2,
             ..Default::default()
@@ -141,7 +152,11 @@ pub fn assert_restores(repo: &Repository, e: &Expected, scratch: &Path) {
     let disk = std::fs::read(target.join("disk.raw")).unwrap();
     assert!(disk == e.disk, "snapshot {}: restored disk differs", e.id);
     let config = std::fs::read(target.join("vm.vmcx")).unwrap();
-    assert_eq!(config, e.config, "snapshot {}: restored config differs", e.id);
+    assert_eq!(
+        config, e.config,
+        "snapshot {}: restored config differs",
+        e.id
+    );
     std::fs::remove_dir_all(&target).unwrap();
 }
 
@@ -185,12 +200,17 @@ pub fn used_blobs(repo: &Repository) -> HashSet<Id> {
 /// A repository with one VM and `n` snapshots, each changing a different 256 KiB region
 /// (plus a shared base), and the expected content of each.
 pub fn repo_with_history(dir: &Path, n: usize) -> (Repository, Vec<Expected>) {
+    repo_with_history_sized(dir, n, DISK_SIZE)
+}
+
+/// [`repo_with_history`] with another disk size (at least 1 MiB).
+pub fn repo_with_history_sized(dir: &Path, n: usize, size: u64) -> (Repository, Vec<Expected>) {
     let repo = init_repo(&dir.join("repo"));
-    let mut vm = Vm::new(&dir.join("vm"), "web");
+    let mut vm = Vm::with_size(&dir.join("vm"), "web", size);
     let mut expected = Vec::new();
     for i in 0..n {
         if i > 0 {
-            let off = (i * 300 << 10) % (DISK_SIZE as usize - (256 << 10));
+            let off = ((i * 300) << 10) % (size as usize - (256 << 10));
             vm.change(100 + i as u64, off, 256 << 10);
         }
         let (id, _) = vm.backup(&repo);
