@@ -62,7 +62,10 @@ fn parse_bpb(b: &[u8]) -> Result<Bpb> {
         return Err(bad("boot sector is NTFS/exFAT, not FAT".into()));
     }
     if !(b[0] == 0xEB || b[0] == 0xE9) {
-        return Err(bad(format!("no x86 jump at the start of the boot sector ({:02x})", b[0])));
+        return Err(bad(format!(
+            "no x86 jump at the start of the boot sector ({:02x})",
+            b[0]
+        )));
     }
     let bps = u16le(b, 11) as u64;
     let spc = b[13] as u64;
@@ -73,15 +76,25 @@ fn parse_bpb(b: &[u8]) -> Result<Bpb> {
     let fat16 = u16le(b, 22) as u64;
     let total32 = u32le(b, 32) as u64;
     if !matches!(bps, 512 | 1024 | 2048 | 4096) {
-        return Err(bad(format!("bytes per sector {bps} is not 512, 1024, 2048 or 4096")));
+        return Err(bad(format!(
+            "bytes per sector {bps} is not 512, 1024, 2048 or 4096"
+        )));
     }
     if spc == 0 || !spc.is_power_of_two() {
-        return Err(bad(format!("sectors per cluster {spc} is not a power of two")));
+        return Err(bad(format!(
+            "sectors per cluster {spc} is not a power of two"
+        )));
     }
     if reserved == 0 || nfats == 0 {
-        return Err(bad(format!("reserved sectors {reserved}, FAT count {nfats}: both must be at least 1")));
+        return Err(bad(format!(
+            "reserved sectors {reserved}, FAT count {nfats}: both must be at least 1"
+        )));
     }
-    let fat_sectors = if fat16 != 0 { fat16 } else { u32le(b, 36) as u64 };
+    let fat_sectors = if fat16 != 0 {
+        fat16
+    } else {
+        u32le(b, 36) as u64
+    };
     let total = if total16 != 0 { total16 } else { total32 };
     if fat_sectors == 0 || total == 0 {
         return Err(bad("FAT size or total sector count is zero".into()));
@@ -102,7 +115,9 @@ fn parse_bpb(b: &[u8]) -> Result<Bpb> {
         FsKind::Fat32
     };
     if kind == FsKind::Fat32 && (fat16 != 0 || root_entries != 0) {
-        return Err(bad("FAT32 by cluster count, but the BPB has FAT16 fields".into()));
+        return Err(bad(
+            "FAT32 by cluster count, but the BPB has FAT16 fields".into()
+        ));
     }
     if kind != FsKind::Fat32 && root_entries == 0 {
         return Err(bad("FAT12/16 volume without root directory entries".into()));
@@ -123,11 +138,15 @@ fn parse_bpb(b: &[u8]) -> Result<Bpb> {
         FsKind::Fat16 => fat_bytes / 2,
         _ => fat_bytes / 4,
     };
-    let clusters = clusters.min(fat_capacity.saturating_sub(2)).min(0x0FFF_FFF5) as u32;
+    let clusters = clusters
+        .min(fat_capacity.saturating_sub(2))
+        .min(0x0FFF_FFF5) as u32;
     let label_off = if kind == FsKind::Fat32 { 71 } else { 43 };
     let sig_off = if kind == FsKind::Fat32 { 66 } else { 38 };
     let bpb_label = if b[sig_off] == 0x29 {
-        let l = String::from_utf8_lossy(&b[label_off..label_off + 11]).trim_end().to_string();
+        let l = String::from_utf8_lossy(&b[label_off..label_off + 11])
+            .trim_end()
+            .to_string();
         (!l.is_empty() && l != "NO NAME").then_some(l)
     } else {
         None
@@ -140,7 +159,11 @@ fn parse_bpb(b: &[u8]) -> Result<Bpb> {
         fat_bytes,
         root_dir_offset: (reserved + nfats * fat_sectors) * bps,
         root_dir_bytes: root_dir_sectors * bps,
-        root_cluster: if kind == FsKind::Fat32 { u32le(b, 44) } else { 0 },
+        root_cluster: if kind == FsKind::Fat32 {
+            u32le(b, 44)
+        } else {
+            0
+        },
         data_offset: meta * bps,
         cluster_count: clusters,
         bpb_label,
@@ -229,7 +252,10 @@ pub fn open(vol: Volume) -> Result<FatFs> {
     if fs.kind == FsKind::Fat32 && !fs.fat.valid_cluster(fs.root_cluster) {
         return Err(Error::corrupt(
             "FAT",
-            format!("root directory cluster {} is outside the volume", fs.root_cluster),
+            format!(
+                "root directory cluster {} is outside the volume",
+                fs.root_cluster
+            ),
         ));
     }
     // The volume label entry in the root directory is what Windows shows; the BPB copy is often
@@ -296,9 +322,9 @@ fn short_name(raw: &[u8]) -> (String, bool) {
 }
 
 fn short_checksum(raw: &[u8]) -> u8 {
-    raw[0..11]
-        .iter()
-        .fold(0u8, |s, &c| ((s & 1) << 7).wrapping_add(s >> 1).wrapping_add(c))
+    raw[0..11].iter().fold(0u8, |s, &c| {
+        ((s & 1) << 7).wrapping_add(s >> 1).wrapping_add(c)
+    })
 }
 
 impl FatFs {
@@ -313,13 +339,15 @@ impl FatFs {
     }
 
     fn dirent(&self, node: NodeId) -> Result<Dirent> {
-        if node % 32 != 0 || node < self.root_dir_offset.min(self.data_offset) {
+        if !node.is_multiple_of(32) || node < self.root_dir_offset.min(self.data_offset) {
             return Err(Error::NotFound(format!("FAT node {node}")));
         }
         let mut raw = [0u8; 32];
         self.vol.read_exact_at(&mut raw, node)?;
         if raw[0] == 0 || raw[0] == 0xE5 || raw[11] & 0x3F == ATTR_LONG_NAME {
-            return Err(Error::NotFound(format!("FAT node {node}: no directory entry there")));
+            return Err(Error::NotFound(format!(
+                "FAT node {node}: no directory entry there"
+            )));
         }
         Ok(Dirent::parse(&raw, self.kind == FsKind::Fat32))
     }
@@ -346,7 +374,10 @@ impl FatFs {
             }
             d.first_cluster
         };
-        let runs = self.cluster_runs(first, Some(MAX_DIR_BYTES / self.cluster_size.min(MAX_DIR_BYTES)))?;
+        let runs = self.cluster_runs(
+            first,
+            Some(MAX_DIR_BYTES / self.cluster_size.min(MAX_DIR_BYTES)),
+        )?;
         let len = runs.bytes().min(MAX_DIR_BYTES);
         let mut buf = vec![0u8; len as usize];
         runs.read(&self.vol, "FAT", &mut buf, 0)?;
@@ -416,7 +447,10 @@ impl GuestFs for FatFs {
             }
             let (name, lossy) = match long {
                 Some((sum, 0, units)) if sum == short_checksum(e) => {
-                    let end = units.iter().position(|&u| u == 0 || u == 0xFFFF).unwrap_or(units.len());
+                    let end = units
+                        .iter()
+                        .position(|&u| u == 0 || u == 0xFFFF)
+                        .unwrap_or(units.len());
                     let n = String::from_utf16_lossy(&units[..end]);
                     let lossy = String::from_utf16(&units[..end]).is_err();
                     if n.is_empty() {
@@ -460,7 +494,11 @@ impl GuestFs for FatFs {
         let size = if is_dir { 0 } else { d.size as u64 };
         Ok(Metadata {
             node,
-            file_type: if is_dir { FileType::Directory } else { FileType::File },
+            file_type: if is_dir {
+                FileType::Directory
+            } else {
+                FileType::File
+            },
             size,
             allocated: size.div_ceil(self.cluster_size) * self.cluster_size,
             mtime: dos_datetime(u16le(r, 24), u16le(r, 22), 0),
@@ -492,7 +530,9 @@ impl GuestFs for FatFs {
         }
         let d = self.dirent(node)?;
         if d.is_dir() {
-            return Err(Error::InvalidArgument(format!("FAT node {node} is a directory")));
+            return Err(Error::InvalidArgument(format!(
+                "FAT node {node} is a directory"
+            )));
         }
         let n = clamp_read(d.size as u64, buf, offset);
         if n == 0 {
@@ -521,6 +561,10 @@ impl GuestFs for FatFs {
             return Ok(self.root_cluster as u64);
         }
         let d = self.dirent(node)?;
-        Ok(if d.first_cluster == 0 { self.root_cluster as u64 } else { d.first_cluster as u64 })
+        Ok(if d.first_cluster == 0 {
+            self.root_cluster as u64
+        } else {
+            d.first_cluster as u64
+        })
     }
 }

@@ -149,8 +149,10 @@ pub fn partitions(disk: &dyn VirtualDisk) -> Result<PartitionTable> {
     if protective || gpt_signature_at(disk, ss as u64)? {
         let mut t = read_gpt(disk, ss, size)?;
         if !protective {
-            t.warnings
-                .insert(0, "GPT header found but no protective MBR (type 0xEE)".into());
+            t.warnings.insert(
+                0,
+                "GPT header found but no protective MBR (type 0xEE)".into(),
+            );
         }
         return Ok(t);
     }
@@ -163,8 +165,10 @@ pub fn partitions(disk: &dyn VirtualDisk) -> Result<PartitionTable> {
         let last = size / ss as u64 - 1;
         if gpt_signature_at(disk, last * ss as u64)? {
             let mut t = read_gpt(disk, ss, size)?;
-            t.warnings
-                .insert(0, "no MBR signature; the disk was recognised by its backup GPT header".into());
+            t.warnings.insert(
+                0,
+                "no MBR signature; the disk was recognised by its backup GPT header".into(),
+            );
             return Ok(t);
         }
     }
@@ -186,7 +190,9 @@ fn looks_like_boot_sector(s: &[u8; 512]) -> bool {
         && spc.is_power_of_two()
         && (1..=2).contains(&fats)
         && (media == 0xF0 || media >= 0xF8)
-        && (&s[54..59] == b"FAT12" || &s[54..59] == b"FAT16" || &s[82..87] == b"FAT32"
+        && (&s[54..59] == b"FAT12"
+            || &s[54..59] == b"FAT16"
+            || &s[82..87] == b"FAT32"
             || &s[54..57] == b"FAT")
 }
 

@@ -13,6 +13,9 @@ pub fn open_fs(volume: Volume) -> Result<Box<dyn GuestFs>> {
     let mut head = vec![0u8; 2048.min(volume.len()) as usize];
     volume.read_exact_at(&mut head, 0)?;
     if head.len() >= 512 {
+        if crate::ntfs::probe(&head[..512]) {
+            return Ok(Box::new(crate::ntfs::open(volume)?));
+        }
         if crate::exfat::probe(&head) {
             return Ok(Box::new(crate::exfat::open(volume)?));
         }

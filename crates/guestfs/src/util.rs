@@ -107,7 +107,10 @@ impl FatTable {
         if pos >= self.bytes {
             return Err(Error::corrupt(
                 self.fs,
-                format!("FAT entry byte {pos} is past the FAT's end ({} bytes)", self.bytes),
+                format!(
+                    "FAT entry byte {pos} is past the FAT's end ({} bytes)",
+                    self.bytes
+                ),
             ));
         }
         let blk = pos / FAT_BLOCK;
@@ -335,12 +338,7 @@ impl RunCache {
         key: (u32, u64),
         make: impl FnOnce() -> Result<ClusterRuns>,
     ) -> Result<Arc<ClusterRuns>> {
-        if let Some(r) = self
-            .map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-        {
+        if let Some(r) = self.map.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return Ok(r.clone());
         }
         let r = Arc::new(make()?);

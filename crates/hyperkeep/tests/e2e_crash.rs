@@ -9,7 +9,7 @@
 //! manifest, and for prune: repacking, the new index, deleting superseded objects.
 //!
 //! Env: HK_TEST_SEED replays a run; HK_CRASH_KILLS (default 54) sets the number of kills;
-//! HK_CRASH_DATA_MIB (default 24) the amount of data in the VM's disk.
+//! HK_CRASH_DATA_MIB (default 4) the amount of data in the VM's disk.
 
 mod support;
 
@@ -58,7 +58,7 @@ fn sigkill_backup_and_prune_at_random_moments() {
     let started = Instant::now();
     let mut rng = Rng::from_env("e2e_crash");
     let total_kills = env_u64("HK_CRASH_KILLS", 54);
-    let data_mib = env_u64("HK_CRASH_DATA_MIB", 24);
+    let data_mib = env_u64("HK_CRASH_DATA_MIB", 4);
     // Every 4th kill hits a prune, the others a backup (backups have more phases).
     let prune_every = 4;
 
@@ -137,6 +137,7 @@ fn sigkill_backup_and_prune_at_random_moments() {
             }
         }
 
+        let t_killed = started.elapsed();
         // The repository is consistent.
         let out = env.run(&["check"]);
         assert_eq!(
@@ -148,11 +149,13 @@ fn sigkill_backup_and_prune_at_random_moments() {
         // A killed backup may have finished its manifest: then it is a complete snapshot.
         t.adopt_new(&env, &current);
 
+        let t_checked = started.elapsed();
         // An earlier snapshot (a random one, to save time) restores exactly.
         let ids: Vec<String> = t.known.keys().cloned().collect();
         let id = &ids[rng.below(ids.len() as u64) as usize];
         env.assert_restores(id, &t.known[id], None);
 
+        let t_restored = started.elapsed();
         // The next backup succeeds.
         let (_, took) = timed(|| env.backup(&vm));
         let n = t.adopt_new(&env, &current);
@@ -164,7 +167,8 @@ fn sigkill_backup_and_prune_at_random_moments() {
             backup_time = (backup_time * 3 + took) / 4;
         }
         eprintln!(
-            "round {round}: {kind} {} at {delay:?}; {} snapshots; {:?} so far",
+            "round {round}: {kind} {} at {delay:?}; {} snapshots; at {t_killed:.1?} killed, \
+             {t_checked:.1?} checked, {t_restored:.1?} restored, {:.1?} backed up",
             if was_killed { "killed" } else { "completed" },
             t.known.len(),
             started.elapsed()

@@ -192,21 +192,28 @@ fn newer_format_version_is_refused_and_untouched() {
     );
 }
 
-/// Starts a backup, waits `delay`, and truncates the disk file to `new_len` while it runs.
-fn backup_while_shrinking(
-    env: &Env,
-    vm: &SourceVm,
-    delay: Duration,
-    new_len: u64,
-) -> std::process::Output {
+/// Bytes the process has read so far (`rchar` in /proc/PID/io), None once it is gone.
+fn bytes_read_by(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines().find_map(|l| l.strip_prefix("rchar:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// Starts a backup and truncates the disk file to `new_len` once the backup has read
+/// `after_bytes` (so the truncation lands mid-read however fast or loaded the machine is).
+fn backup_while_shrinking(env: &Env, vm: &SourceVm, after_bytes: u64, new_len: u64) -> std::process::Output {
     let args = Env::backup_args(vm);
     let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let child = env.spawn(&args);
+    let pid = child.id();
     let disk = vm.disk.clone();
     let shrinker = std::thread::spawn(move || {
-        std::thread::sleep(delay);
+        let start = std::time::Instant::now();
+        while bytes_read_by(pid).is_some_and(|n| n < after_bytes) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
         let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
         f.set_len(new_len).unwrap();
+        eprintln!("truncated to {new_len} after {:?}", start.elapsed());
     });
     let out = child.wait_with_output().unwrap();
     shrinker.join().unwrap();
@@ -235,7 +242,7 @@ fn disk_that_shrinks_or_vanishes_mid_backup() {
     // vanished: on Linux an unlinked file stays readable through an open handle, so truncation
     // is how a disk really disappears under a running reader).
     for new_len in [MIB, 0] {
-        let out = backup_while_shrinking(&env, &vm, took / 3, new_len);
+        let out = backup_while_shrinking(&env, &vm, 64 * MIB, new_len);
         assert!(!out.status.success(), "backup of a disk truncated to {new_len} succeeded:\n{}", both(&out));
         let err = stderr(&out);
         assert!(

@@ -194,6 +194,15 @@ impl LocalBackend {
     }
 }
 
+/// The object is not there: no such file, or a path component is not a directory (the
+/// "repository" is a file).
+fn is_not_found(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+    )
+}
+
 /// ENOSPC or a quota exceeded: the disk holding the repository is full.
 fn is_no_space(e: &std::io::Error) -> bool {
     #[cfg(unix)]
@@ -257,9 +266,7 @@ impl Backend for LocalBackend {
         let path = self.path(kind, name)?;
         match fs::read(&path) {
             Ok(d) => Ok(d),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(Error::Missing(kind.key(name)))
-            }
+            Err(e) if is_not_found(&e) => Err(Error::Missing(kind.key(name))),
             Err(e) => Err(self.io_error("reading", kind, name, e)),
         }
     }
@@ -268,9 +275,7 @@ impl Backend for LocalBackend {
         let path = self.path(kind, name)?;
         let mut file = match File::open(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::Missing(kind.key(name)))
-            }
+            Err(e) if is_not_found(&e) => return Err(Error::Missing(kind.key(name))),
             Err(e) => return Err(self.io_error("opening", kind, name, e)),
         };
         let size = file
@@ -315,7 +320,7 @@ impl Backend for LocalBackend {
                 let data = self.root.join("data");
                 let subdirs = match fs::read_dir(&data) {
                     Ok(d) => d,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+                    Err(e) if is_not_found(&e) => return Ok(out),
                     Err(e) => return Err(Error::io(format!("listing {}", data.display()), e)),
                 };
                 for sub in subdirs {
@@ -346,15 +351,18 @@ impl Backend for LocalBackend {
                 }
                 Ok(())
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(self.io_error("deleting", kind, name, e)),
         }
     }
 
     fn exists(&self, kind: ObjectKind, name: &str) -> Result<bool> {
         let path = self.path(kind, name)?;
-        path.try_exists()
-            .map_err(|e| self.io_error("looking for", kind, name, e))
+        match path.try_exists() {
+            Ok(b) => Ok(b),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(self.io_error("looking for", kind, name, e)),
+        }
     }
 
     fn remove_stale_temp_files(&self, older_than: std::time::Duration) -> Result<(u64, u64)> {
@@ -421,7 +429,7 @@ impl Backend for LocalBackend {
                     }
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) if is_not_found(&e) => {}
             Err(e) => {
                 return Err(Error::io(
                     format!("cannot use {} for a repository", self.location()),
@@ -449,7 +457,7 @@ impl Backend for LocalBackend {
 fn list_dir(dir: &Path, out: &mut Vec<ObjectInfo>, accept: impl Fn(&str) -> bool) -> Result<()> {
     let entries = match fs::read_dir(dir) {
         Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if is_not_found(&e) => return Ok(()),
         Err(e) => return Err(Error::io(format!("listing {}", dir.display()), e)),
     };
     for entry in entries {

@@ -423,44 +423,68 @@ struct Packed {
     bytes_stored: u64,
 }
 
+/// Packs being written at once. Writing a pack (and its fsync) takes as long as filling one,
+/// so the packer hands full packs to uploaders and keeps accepting blobs; with one uploader the
+/// workers would stall for every pack. Memory: one pack filling plus this many being written.
+const UPLOADERS: usize = 2;
+
+/// Collects sealed blobs into packs; full packs go to the uploaders.
 fn packer(run: &Run<'_>, rx: Receiver<Blob>) -> Result<Packed> {
     let repo = run.repo;
     let pack_size = repo.config().pack_size;
-    let mut out = Packed::default();
-    let mut writer = PackWriter::new(pack_size);
-    let flush = |writer: PackWriter, out: &mut Packed| -> Result<()> {
-        let (id, size, entries) = repo.save_pack(writer)?;
-        out.bytes_stored += size;
-        out.packs.push((id, entries));
-        Ok(())
-    };
-    for blob in rx {
-        if run.abort.load(Ordering::Relaxed) {
-            // A failed run writes nothing more; keep draining so no worker blocks.
-            continue;
+    let out = Mutex::new(Packed::default());
+    // Rendezvous channel: a full pack waits in the packer until an uploader is free.
+    let (up_tx, up_rx) = sync_channel::<PackWriter>(0);
+    let up_rx = Mutex::new(up_rx);
+    std::thread::scope(|scope| {
+        for _ in 0..UPLOADERS {
+            scope.spawn(|| loop {
+                let next = up_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                let Ok(writer) = next else { break };
+                if run.abort.load(Ordering::Relaxed) {
+                    continue;
+                }
+                match repo.save_pack(writer) {
+                    Ok((id, size, entries)) => {
+                        let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
+                        o.bytes_stored += size;
+                        o.packs.push((id, entries));
+                    }
+                    Err(e) => run.fail(e),
+                }
+            });
         }
-        writer.add(
-            BlobEntry {
-                id: blob.id,
-                kind: blob.kind,
-                compressed: blob.compressed,
-                offset: 0,
-                stored_len: blob.sealed.len() as u32,
-                raw_len: blob.raw_len,
-            },
-            blob.sealed,
-        );
-        if writer.is_full() {
-            let full = std::mem::replace(&mut writer, PackWriter::new(pack_size));
-            if let Err(e) = flush(full, &mut out) {
-                run.fail(e);
+        let mut writer = PackWriter::new(pack_size);
+        for blob in rx {
+            if run.abort.load(Ordering::Relaxed) {
+                // A failed run writes nothing more; keep draining so no worker blocks.
+                continue;
+            }
+            writer.add(
+                BlobEntry {
+                    id: blob.id,
+                    kind: blob.kind,
+                    compressed: blob.compressed,
+                    offset: 0,
+                    stored_len: blob.sealed.len() as u32,
+                    raw_len: blob.raw_len,
+                },
+                blob.sealed,
+            );
+            if writer.is_full() {
+                let full = std::mem::replace(&mut writer, PackWriter::new(pack_size));
+                if up_tx.send(full).is_err() {
+                    break;
+                }
             }
         }
-    }
-    if !run.abort.load(Ordering::SeqCst) && !writer.is_empty() {
-        flush(writer, &mut out)?;
-    }
-    Ok(out)
+        if !run.abort.load(Ordering::SeqCst) && !writer.is_empty() {
+            let _ = up_tx.send(writer);
+        }
+        // Uploaders finish when the channel closes.
+        drop(up_tx);
+    });
+    Ok(out.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
 /// One source's plan: the table to fill and the chunks to read.

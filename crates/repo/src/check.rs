@@ -35,6 +35,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{ObjectInfo, ObjectKind};
+use crate::backup::{NoProgress, Progress};
 use crate::crypto::{self, Id, KeySlot};
 use crate::index::{Index, IndexFile};
 use crate::pack::{self, BlobEntry};
@@ -209,6 +210,15 @@ fn read_cap(repo: &Repository) -> u64 {
 /// Run the check. `Err` only when the repository cannot be listed or locked; everything else
 /// lands in the report.
 pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
+    check_with_progress(repo, opts, &NoProgress)
+}
+
+/// [`check`], reporting the bytes of pack data read (`--read-data`) to `progress`.
+pub fn check_with_progress(
+    repo: &Repository,
+    opts: &CheckOptions,
+    progress: &dyn Progress,
+) -> Result<CheckReport> {
     // A shared lock: prune (exclusive) must not delete packs under our feet, which would show
     // up as false "missing pack" errors. Backups may run beside us; the objects they add are
     // written packs first, so an index never names a pack that does not exist yet.
@@ -496,6 +506,15 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
     // Pack contents.
     if opts.read_data != ReadData::None {
         let cap = read_cap(repo);
+        let selected = |id: &Id| !bad_packs.contains(id) && opts.read_data.selects(&id.to_hex());
+        progress.start(
+            packs
+                .keys()
+                .filter(|id| selected(id))
+                .filter_map(|id| stored.get(&id.to_hex()))
+                .map(|i| i.size)
+                .sum(),
+        );
         for (id, rec) in &packs {
             let name = id.to_hex();
             if bad_packs.contains(id) || !opts.read_data.selects(&name) {
@@ -530,10 +549,12 @@ pub fn check(repo: &Repository, opts: &CheckOptions) -> Result<CheckReport> {
             };
             report.packs_read += 1;
             report.bytes_read += bytes.len() as u64;
+            progress.advance(bytes.len() as u64);
             let (verified, mut found) = verify_pack(repo, &name, &bytes, &rec.entries);
             report.blobs_verified += verified;
             problems.append(&mut found);
         }
+        progress.finish();
     }
 
     attribute(repo, &index, &snaps, &mut problems);

@@ -41,7 +41,8 @@ use crate::repository::Repository;
 use crate::snapshot::{self, Snapshot};
 use crate::{Error, Result};
 
-/// A retention policy. `None` (or an empty list) means the rule is not used.
+/// A retention policy. `None` (or an empty list) means the rule is not used; a count of
+/// `u32::MAX` means "unlimited" (restic's `-1`), e.g. keep one snapshot per day, for all days.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeepPolicy {
     pub last: Option<u32>,

@@ -537,6 +537,41 @@ mod tests {
         assert_eq!(parse_trailer(&key, &pack, &sealed, 150).unwrap().len(), 1);
     }
 
+    /// Random garbage and random mutations of a valid pack: errors, never a panic.
+    #[test]
+    fn hostile_packs_never_panic() {
+        let key = MasterKey::generate();
+        let (id, bytes, _) = build(&key, &sample_chunks());
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..2000 {
+            let mut bad = bytes.clone();
+            for _ in 0..(next() % 4 + 1) {
+                let pos = (next() % bad.len() as u64) as usize;
+                bad[pos] = next() as u8;
+            }
+            let cut = (next() % (bad.len() as u64 + 1)) as usize;
+            let bad = if next() % 4 == 0 {
+                &bad[..cut]
+            } else {
+                &bad[..]
+            };
+            // Blob-area damage passes here (blobs are checked when opened); trailer damage
+            // must not, and nothing may panic.
+            let result = parse_pack(&key, &id, bad);
+            if bad.len() != bytes.len() {
+                assert!(result.is_err());
+            }
+            let garbage: Vec<u8> = (0..next() % 200).map(|_| next() as u8).collect();
+            assert!(parse_pack(&key, &id, &garbage).is_err());
+        }
+    }
+
     #[test]
     fn compress_falls_back_to_raw() {
         let (c, out) = compress(1, &[0u8; 4096]);

@@ -51,6 +51,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{ObjectInfo, ObjectKind};
+use crate::backup::{NoProgress, Progress};
 use crate::crypto::{self, Id};
 use crate::index::{Index, IndexFile, IndexPack};
 use crate::pack::{BlobEntry, PackWriter};
@@ -125,6 +126,15 @@ enum Fate {
 
 /// Run prune. See the module documentation for the steps and their crash safety.
 pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
+    prune_with_progress(repo, opts, &NoProgress)
+}
+
+/// [`prune`], reporting the bytes of packs read for repacking to `progress`.
+pub fn prune_with_progress(
+    repo: &Repository,
+    opts: &PruneOptions,
+    progress: &dyn Progress,
+) -> Result<PruneReport> {
     // A dry run changes nothing, so a shared lock suffices (it may run beside backups; their
     // packs then show up as young orphans).
     let _lock = crate::lock::acquire(repo, !opts.dry_run, "prune")?;
@@ -308,11 +318,16 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     // Step 5: repack.
     let mut new_packs: Vec<IndexPack> = Vec::new();
     let mut writer = PackWriter::new(repo.config().pack_size);
+    progress.start(repack.iter().map(|p| stored[p].size).sum());
     for p in &repack {
         let name = p.to_hex();
         // Bounded memory: packs end just past the configured size; anything far larger is not
         // a pack we wrote, and is not read whole.
-        let cap = repo.config().pack_size.saturating_mul(2).saturating_add(64 << 20);
+        let cap = repo
+            .config()
+            .pack_size
+            .saturating_mul(2)
+            .saturating_add(64 << 20);
         if stored[p].size > cap {
             return Err(refuse(format!(
                 "pack {name} is {} bytes, far larger than any pack hyperkeep writes; run \
@@ -321,11 +336,12 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
             )));
         }
         let bytes = repo.backend().get(ObjectKind::Pack, &name)?;
+        progress.advance(bytes.len() as u64);
         if crypto::hash(&bytes) != *p {
             return Err(refuse(format!(
                 "pack {name} is damaged (its content does not match its name), so its blobs \
-                 cannot be copied safely; run `hyperkeep check --read-data` to see what is \
-                 affected. Nothing was deleted"
+                 cannot be copied safely; run `hyperkeep check --read-data` to see which \
+                 snapshots are affected, forget those, and prune again"
             )));
         }
         for b in canonical.get(p).into_iter().flatten() {
@@ -347,6 +363,7 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     if !writer.is_empty() {
         new_packs.push(store_pack(repo, writer, &mut report)?);
     }
+    progress.finish();
 
     // Step 6: the new index, only if anything changes.
     if to_delete.is_empty() && missing.is_empty() && new_packs.is_empty() {

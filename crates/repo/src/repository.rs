@@ -34,6 +34,8 @@ pub const MAX_METADATA_BLOB: u32 = 1 << 20;
 /// Largest decompressed sealed-JSON object we accept (a prune-written index of a very large
 /// repository is hundreds of MiB of JSON; more than this is damage, not data).
 const MAX_JSON_LEN: u64 = 4 << 30;
+/// A real config is a few hundred bytes.
+const MAX_CONFIG_LEN: u64 = 64 << 10;
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
 
 /// The `config` object (plaintext JSON).
@@ -278,6 +280,16 @@ impl Repository {
     /// Open a repository with a password (tries every key slot).
     pub fn open(backend: Arc<dyn Backend>, password: &str) -> Result<Repository> {
         let location = backend.location();
+        // Checked by size first: pointed at the wrong directory, `config` may be anything.
+        if let Some(info) = backend.list(ObjectKind::Config)?.first() {
+            if info.size > MAX_CONFIG_LEN {
+                return Err(Error::Incompatible(format!(
+                    "{location} is not a hyperkeep repository (its `config` is {} bytes, not a \
+                     hyperkeep configuration)",
+                    info.size
+                )));
+            }
+        }
         let config_bytes = match backend.get(ObjectKind::Config, CONFIG_NAME) {
             Ok(b) => b,
             Err(Error::Missing(_)) => return Err(Error::NoRepository(location)),
@@ -658,6 +670,30 @@ mod tests {
             Err(Error::NoRepository(l)) => assert!(l.contains("r")),
             other => panic!("{other:?}"),
         }
+        // A plain file where the repository should be: no repository, not an I/O puzzle.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let fb = Repository::open_location(file.to_str().unwrap()).unwrap();
+        assert!(matches!(
+            Repository::open(fb, "pw"),
+            Err(Error::NoRepository(_))
+        ));
+        // A directory with an unrelated big `config`: foreign, and not read whole.
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::fs::write(other.join("config"), vec![b'{'; 1 << 20]).unwrap();
+        let ob = Repository::open_location(other.to_str().unwrap()).unwrap();
+        assert!(matches!(
+            Repository::open(ob.clone(), "pw"),
+            Err(Error::Incompatible(_))
+        ));
+        // init refuses a non-empty directory that is not a repository.
+        std::fs::remove_file(other.join("config")).unwrap();
+        std::fs::write(other.join("notes.txt"), b"mine").unwrap();
+        let msg = Repository::init(ob, "pw", fast()).unwrap_err().to_string();
+        assert!(msg.contains("not empty"), "{msg}");
+        assert!(!other.join("keys").exists());
+
         let repo = Repository::init(b.clone(), "pw", fast()).unwrap();
         assert_eq!(repo.config().version, FORMAT_VERSION);
         assert_eq!(repo.config().chunk_size, DEFAULT_CHUNK_SIZE);
@@ -926,6 +962,28 @@ mod tests {
         let (ix, errors) = repo.load_index_lenient().unwrap();
         assert_eq!(ix.len(), chunks.len());
         assert_eq!(errors.len(), 1);
+    }
+
+    #[test]
+    fn interrupted_init_is_not_built_upon() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Repository::open_location(dir.path().to_str().unwrap()).unwrap();
+        b.create_layout().unwrap();
+        // A key slot without a config: what an init killed between its two writes leaves.
+        let slot =
+            KeySlot::create(&MasterKey::generate(), "pw", KdfParams::FAST_FOR_TESTS).unwrap();
+        b.put(
+            ObjectKind::Key,
+            &slot.id,
+            &serde_json::to_vec(&slot).unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(
+            Repository::open(b.clone(), "pw"),
+            Err(Error::NoRepository(_))
+        ));
+        let msg = Repository::init(b, "pw", fast()).unwrap_err().to_string();
+        assert!(msg.contains("interrupted init"), "{msg}");
     }
 
     #[test]

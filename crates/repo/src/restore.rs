@@ -332,6 +332,12 @@ pub fn restore(
     to: Option<DiskFormat>,
     progress: &dyn Progress,
 ) -> Result<RestoreReport> {
+    if target.exists() && !target.is_dir() {
+        return Err(Error::InvalidArgument(format!(
+            "the restore target {} exists and is not a directory; give a new or empty directory",
+            target.display()
+        )));
+    }
     // Plan and refuse first, so that nothing is written when anything is in the way.
     let mut outputs = Vec::new();
     for d in &snapshot.disks {

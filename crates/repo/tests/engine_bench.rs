@@ -27,7 +27,13 @@ fn fill_chunk(seed: u64, buf: &mut [u8]) {
     match seed % 4 {
         0 | 1 => {
             const WORDS: [&[u8]; 8] = [
-                b"the ", b"virtual ", b"machine ", b"backup ", b"config ", b"data ", b"log ",
+                b"the ",
+                b"virtual ",
+                b"machine ",
+                b"backup ",
+                b"config ",
+                b"data ",
+                b"log ",
                 b"2026-11-25 ",
             ];
             let mut i = 0;
@@ -67,11 +73,15 @@ fn backup_throughput_against_machine_limit() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
-    let tmp = tempfile::tempdir_in(std::env::var("ENGINE_BENCH_DIR").unwrap_or("/tmp".into()))
-        .unwrap();
-    let disk = tmp.path().join("bench.vhdx");
+    let tmp =
+        tempfile::tempdir_in(std::env::var("ENGINE_BENCH_DIR").unwrap_or("/tmp".into())).unwrap();
+    // ENGINE_BENCH_DISK=PATH keeps the generated disk for later runs (profiling).
+    let keep = std::env::var_os("ENGINE_BENCH_DISK").map(std::path::PathBuf::from);
+    let disk = keep
+        .clone()
+        .unwrap_or_else(|| tmp.path().join("bench.vhdx"));
     let size = size_gib << 30;
-    {
+    if !disk.exists() {
         let mut d = vdisk::create(&disk, &CreateOptions::new(DiskFormat::Vhdx, size)).unwrap();
         let mut buf = vec![0u8; MIB as usize];
         // 70% of the chunks hold data; the rest stay unallocated.
@@ -87,7 +97,9 @@ fn backup_throughput_against_machine_limit() {
         }
         d.flush().unwrap();
     }
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
 
     // The limit: read + BLAKE3 + zstd-1 of every allocated chunk, all cores.
     let d = vdisk::open(&disk, &OpenOptions::default()).unwrap();
@@ -104,7 +116,12 @@ fn backup_throughput_against_machine_limit() {
     let bytes = chunks.len() as u64 * MIB;
     let mut best_limit = f64::MAX;
     let mut limit_cpu = f64::MAX;
-    for _ in 0..2 {
+    let limit_runs = if std::env::var_os("ENGINE_BENCH_NO_LIMIT").is_some() {
+        0
+    } else {
+        2
+    };
+    for _ in 0..limit_runs {
         let cpu0 = cpu_seconds();
         let next = AtomicUsize::new(0);
         let t = Instant::now();

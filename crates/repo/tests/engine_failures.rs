@@ -40,7 +40,11 @@ impl<F: Fn() + Sync> Progress for OnFirstChunk<F> {
 }
 
 fn assert_nothing_recorded(repo: &repo::repository::Repository) {
-    assert_eq!(count(repo, ObjectKind::Snapshot), 0, "no snapshot may be written");
+    assert_eq!(
+        count(repo, ObjectKind::Snapshot),
+        0,
+        "no snapshot may be written"
+    );
     assert_eq!(count(repo, ObjectKind::Index), 0, "no index may be written");
 }
 
@@ -48,7 +52,13 @@ fn assert_nothing_recorded(repo: &repo::repository::Repository) {
 fn disk_that_shrinks_mid_backup_fails_without_snapshot() {
     let tmp = tempfile::tempdir().unwrap();
     let disk = tmp.path().join("shrinks.vhdx");
-    hk_disk(&disk, DiskFormat::Vhdx, 16 * MIB, Some(MIB as u32), &[(0x5a, 0, 12 * MIB)]);
+    hk_disk(
+        &disk,
+        DiskFormat::Vhdx,
+        16 * MIB,
+        Some(MIB as u32),
+        &[(0x5a, 0, 12 * MIB)],
+    );
     let repo = new_repo(tmp.path());
     let progress = OnFirstChunk {
         done: AtomicBool::new(false),
@@ -98,7 +108,10 @@ fn disk_that_vanishes_mid_backup_fails_without_snapshot() {
     let msg = backup(&repo, &opts("vm", &[&disk]), &progress)
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("gone.vhd") && msg.contains("vanished"), "{msg}");
+    assert!(
+        msg.contains("gone.vhd") && msg.contains("vanished"),
+        "{msg}"
+    );
     assert_nothing_recorded(&repo);
 }
 
@@ -111,7 +124,10 @@ fn files_named_like_disks_must_be_disks() {
     let msg = backup(&repo, &opts("vm", &[&fake]), &NoProgress)
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("fake.vhdx") && msg.contains("virtual disk"), "{msg}");
+    assert!(
+        msg.contains("fake.vhdx") && msg.contains("virtual disk"),
+        "{msg}"
+    );
     let a = tmp.path().join("a");
     std::fs::create_dir(&a).unwrap();
     let dup = a.join("x.vmcx");
@@ -138,7 +154,13 @@ fn pack_files(root: &Path) -> Vec<PathBuf> {
 fn restore_of_a_damaged_pack_fails_naming_it_and_leaves_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let disk = tmp.path().join("d.vhdx");
-    hk_disk(&disk, DiskFormat::Vhdx, 8 * MIB, Some(MIB as u32), &[(0x42, 0, 6 * MIB)]);
+    hk_disk(
+        &disk,
+        DiskFormat::Vhdx,
+        8 * MIB,
+        Some(MIB as u32),
+        &[(0x42, 0, 6 * MIB)],
+    );
     let cfg = tmp.path().join("vm.vmcx");
     std::fs::write(&cfg, b"config").unwrap();
     let repo = new_repo(tmp.path());
@@ -163,7 +185,10 @@ fn restore_of_a_damaged_pack_fails_naming_it_and_leaves_nothing() {
             (msg.contains("d.vhdx") || msg.contains("vm.vmcx")) && msg.contains("offset"),
             "{msg}"
         );
-        assert!(!target.exists(), "the target directory we created is removed again");
+        assert!(
+            !target.exists(),
+            "the target directory we created is removed again"
+        );
         std::fs::write(victim, &good).unwrap();
     }
     let victim = &packs[packs.len() / 2];
@@ -175,7 +200,11 @@ fn restore_of_a_damaged_pack_fails_naming_it_and_leaves_nothing() {
     let existing = tmp.path().join("existing");
     std::fs::create_dir(&existing).unwrap();
     restore(&repo, &id, &snap, &existing, None, &NoProgress).unwrap_err();
-    assert!(files_under(&existing).is_empty(), "{:?}", files_under(&existing));
+    assert!(
+        files_under(&existing).is_empty(),
+        "{:?}",
+        files_under(&existing)
+    );
 
     // A missing pack is named too.
     std::fs::remove_file(victim).unwrap();
@@ -219,17 +248,34 @@ fn snapshot_specs() {
     assert_eq!(find_snapshot(&repo, "latest", None).unwrap().0, b);
     assert_eq!(find_snapshot(&repo, "latest", Some("a")).unwrap().0, a);
     assert_eq!(find_snapshot(&repo, &a, None).unwrap().0, a);
-    assert_eq!(find_snapshot(&repo, &a[..4].to_uppercase(), None).unwrap().0, a);
-    let e = find_snapshot(&repo, "latest", Some("c")).unwrap_err().to_string();
+    assert_eq!(
+        find_snapshot(&repo, &a[..4].to_uppercase(), None)
+            .unwrap()
+            .0,
+        a
+    );
+    let e = find_snapshot(&repo, "latest", Some("c"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("no snapshot of VM 'c'"), "{e}");
-    let e = find_snapshot(&repo, &a[..5], Some("b")).unwrap_err().to_string();
+    let e = find_snapshot(&repo, &a[..5], Some("b"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("belongs to VM 'a'"), "{e}");
     let e = find_snapshot(&repo, "abc", None).unwrap_err().to_string();
     assert!(e.contains("at least 4 hex digits"), "{e}");
     let e = find_snapshot(&repo, "xyz1", None).unwrap_err().to_string();
     assert!(e.contains("not a snapshot id"), "{e}");
-    let unknown = if a.starts_with("0000") { "ffff" } else { "0000" };
-    let unknown = if b.starts_with(unknown) { "1234" } else { unknown };
+    let unknown = if a.starts_with("0000") {
+        "ffff"
+    } else {
+        "0000"
+    };
+    let unknown = if b.starts_with(unknown) {
+        "1234"
+    } else {
+        unknown
+    };
     let e = find_snapshot(&repo, unknown, None).unwrap_err();
     assert!(matches!(e, Error::NotFound(_)), "{e}");
     // A second object sharing a's first 4 digits makes that prefix ambiguous.

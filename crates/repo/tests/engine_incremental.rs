@@ -9,8 +9,8 @@ use engine_util::*;
 use repo::backup::{backup, BackupOptions, NoProgress};
 use repo::diff::{diff, Change};
 use repo::restore::restore;
-use repo::stats::stats;
 use repo::snapshot::list_snapshots;
+use repo::stats::stats;
 use vdisk::{DiskFormat, OpenOptions};
 
 fn opts(vm: &str, paths: &[&Path]) -> BackupOptions {
@@ -108,7 +108,13 @@ fn differencing_disk_change_list_reads_only_changed_chunks() {
 fn changed_ranges_hook_on_a_raw_disk() {
     let tmp = tempfile::tempdir().unwrap();
     let img = tmp.path().join("disk.img");
-    hk_disk(&img, DiskFormat::Raw, 24 * MIB, None, &[(0x21, 0, 12 * MIB)]);
+    hk_disk(
+        &img,
+        DiskFormat::Raw,
+        24 * MIB,
+        None,
+        &[(0x21, 0, 12 * MIB)],
+    );
     let repo = new_repo(tmp.path());
     let (_, first) = backup(&repo, &opts("raw", &[&img]), &NoProgress).unwrap();
     // The raw image is sparse: its holes are not read.
@@ -118,7 +124,10 @@ fn changed_ranges_hook_on_a_raw_disk() {
     let changes = [(3 * MIB + 7, 10u64), (17 * MIB, 2 * MIB)];
     {
         let mut d = vdisk::open_mut(&img, &OpenOptions::default()).unwrap();
-        write_patterns(&mut *d, &[(0x31, 3 * MIB + 7, 10), (0x32, 17 * MIB, 2 * MIB)]);
+        write_patterns(
+            &mut *d,
+            &[(0x31, 3 * MIB + 7, 10), (0x32, 17 * MIB, 2 * MIB)],
+        );
     }
     let mut o = opts("raw", &[&img]);
     o.changed_ranges = Some(changes.to_vec());
@@ -127,7 +136,10 @@ fn changed_ranges_hook_on_a_raw_disk() {
     assert_eq!(snap.summary.chunks_new, 3);
     let target = tmp.path().join("r");
     let r = restore(&repo, &id, &snap, &target, None, &NoProgress).unwrap();
-    assert_eq!(std::fs::read(&r.disks[0].path).unwrap(), std::fs::read(&img).unwrap());
+    assert_eq!(
+        std::fs::read(&r.disks[0].path).unwrap(),
+        std::fs::read(&img).unwrap()
+    );
 }
 
 #[test]
@@ -136,7 +148,13 @@ fn change_list_without_a_usable_parent_reads_everything() {
     let img = tmp.path().join("disk.img");
     hk_disk(&img, DiskFormat::Raw, 8 * MIB, None, &[(0x21, 0, 8 * MIB)]);
     let other = tmp.path().join("other.img");
-    hk_disk(&other, DiskFormat::Raw, 4 * MIB, None, &[(0x22, 0, 4 * MIB)]);
+    hk_disk(
+        &other,
+        DiskFormat::Raw,
+        4 * MIB,
+        None,
+        &[(0x22, 0, 4 * MIB)],
+    );
     let repo = new_repo(tmp.path());
     // No snapshot of this VM yet.
     let mut o = opts("vm", &[&img]);

@@ -646,32 +646,76 @@ impl NtfsFs {
             .as_ref()
     }
 
-    /// Case-insensitive comparison the way NTFS does it: per UTF-16 unit through `$UpCase`
-    /// (or a simple uppercase if the table is missing or damaged).
-    fn names_equal_ci(&self, a: &str, b: &str) -> bool {
-        let up = self.upcase();
-        let map = |u: u16| -> u16 {
-            match up {
-                Some(t) => t[u as usize],
-                None => char::from_u32(u as u32)
-                    .map(|c| {
-                        let mut it = c.to_uppercase();
-                        match (it.next(), it.next()) {
-                            (Some(x), None) if (x as u32) < 0x10000 => x as u16,
-                            _ => u,
-                        }
-                    })
-                    .unwrap_or(u),
-            }
+    /// One UTF-16 unit upcased the way NTFS collates names: through `$UpCase`, or a simple
+    /// uppercase if the table is missing or damaged.
+    fn upcase_unit(&self, u: u16) -> u16 {
+        match self.upcase() {
+            Some(t) => t[u as usize],
+            None => char::from_u32(u as u32)
+                .map(|c| {
+                    let mut it = c.to_uppercase();
+                    match (it.next(), it.next()) {
+                        (Some(x), None) if (x as u32) < 0x10000 => x as u16,
+                        _ => u,
+                    }
+                })
+                .unwrap_or(u),
+        }
+    }
+
+    fn upcased(&self, s: &str) -> Vec<u16> {
+        s.encode_utf16().map(|u| self.upcase_unit(u)).collect()
+    }
+
+    /// Find `name` in directory `dir` by descending its `$I30` B+ tree in collation order
+    /// (upcased UTF-16). An exact-case match wins over a case-insensitive one.
+    fn find_entry(&self, dir: u64, name: &str) -> Result<Option<IndexEntry>> {
+        let f = self.file(dir)?;
+        if !f.is_dir {
+            return Err(Error::NotADirectory(format!("MFT record {dir} ({})", f.display_name())));
+        }
+        let root = f
+            .index_root
+            .as_ref()
+            .ok_or_else(|| corrupt(format!("directory record {dir} has no $I30 index root")))?;
+        let mut out = Vec::new();
+        let mut walk = Walk {
+            fs: self,
+            file: &f,
+            ir_size: self.index_record_size(root),
+            visited: HashSet::new(),
+            out: &mut out,
+            search: Some(self.upcased(name)),
         };
-        let mut ia = a.encode_utf16();
-        let mut ib = b.encode_utf16();
-        loop {
-            match (ia.next(), ib.next()) {
-                (None, None) => return true,
-                (Some(x), Some(y)) if map(x) == map(y) => {}
-                _ => return false,
+        walk.node(root, 0x10, 0)?;
+        let found = match out.into_iter().next() {
+            Some(e) if e.name == name => Some(e),
+            // Names differing only in case (POSIX namespace) may sit elsewhere in the tree: scan.
+            Some(e) => {
+                let all = self.index_entries(dir)?;
+                all.iter().find(|x| x.name == name).cloned().or(Some(e))
             }
+            None => None,
+        };
+        if let Some(e) = &found {
+            if e.node == dir && dir != ROOT {
+                return Err(corrupt(format!(
+                    "directory record {dir} lists itself as '{}' (directory loop)",
+                    e.name
+                )));
+            }
+            if e.node == ROOT && dir == ROOT {
+                return Ok(None);
+            }
+        }
+        Ok(found)
+    }
+
+    fn index_record_size(&self, root: &[u8]) -> u64 {
+        // The index root states its record size; the boot sector's value is the volume default.
+        match le32(root, 8).unwrap_or(0) as u64 {
+            0 => self.boot.index_record_size as u64,
+            n => n,
         }
     }
 
@@ -686,11 +730,7 @@ impl NtfsFs {
             .index_root
             .as_ref()
             .ok_or_else(|| corrupt(format!("directory record {dir} has no $I30 index root")))?;
-        // The index root states its record size; the boot sector's value is the volume default.
-        let ir_size = match le32(root, 8).unwrap_or(0) as u64 {
-            0 => self.boot.index_record_size as u64,
-            n => n,
-        };
+        let ir_size = self.index_record_size(root);
         let mut out = Vec::new();
         let mut walk = Walk {
             fs: self,
@@ -698,6 +738,7 @@ impl NtfsFs {
             ir_size,
             visited: HashSet::new(),
             out: &mut out,
+            search: None,
         };
         walk.node(root, 0x10, 0)?;
         let mut result = Vec::with_capacity(out.len());
@@ -878,6 +919,8 @@ struct Walk<'a> {
     ir_size: u64,
     visited: HashSet<u64>,
     out: &'a mut Vec<IndexEntry>,
+    /// Upcased name searched for: descend only where it can be (None = list everything).
+    search: Option<Vec<u16>>,
 }
 
 impl Walk<'_> {
@@ -907,19 +950,23 @@ impl Walk<'_> {
             if len < 16 || len % 8 != 0 || pos + len > end || key_len > len - 16 {
                 return Err(bad(self, &format!("entry at {pos} has impossible length {len}")));
             }
-            if flags & 1 != 0 {
+            let subnode = if flags & 1 != 0 {
                 if len < 24 {
                     return Err(bad(self, "entry with subnode too short"));
                 }
-                let vcn = le64(buf, pos + len - 8).unwrap_or(0);
-                self.subnode(vcn, depth + 1)?;
-            }
+                Some(le64(buf, pos + len - 8).unwrap_or(0))
+            } else {
+                None
+            };
             if flags & 2 != 0 {
+                if let Some(vcn) = subnode {
+                    self.subnode(vcn, depth + 1)?;
+                }
                 return Ok(());
             }
             let key = parse_file_name(&buf[pos + 16..pos + 16 + key_len])
                 .ok_or_else(|| bad(self, &format!("entry at {pos} has a truncated file name")))?;
-            self.out.push(IndexEntry {
+            let entry = IndexEntry {
                 node: file_ref & 0x0000_FFFF_FFFF_FFFF,
                 seq: (file_ref >> 48) as u16,
                 name: key.name,
@@ -927,7 +974,30 @@ impl Walk<'_> {
                 namespace: key.namespace,
                 flags: key.flags,
                 reparse_tag: key.reparse_tag,
-            });
+            };
+            if let Some(target) = &self.search {
+                let here = self.fs.upcased(&entry.name);
+                match target.as_slice().cmp(here.as_slice()) {
+                    std::cmp::Ordering::Less => {
+                        if let Some(vcn) = subnode {
+                            self.subnode(vcn, depth + 1)?;
+                        }
+                        return Ok(());
+                    }
+                    std::cmp::Ordering::Equal => {
+                        self.out.push(entry);
+                        return Ok(());
+                    }
+                    std::cmp::Ordering::Greater => {
+                        pos += len;
+                        continue;
+                    }
+                }
+            }
+            if let Some(vcn) = subnode {
+                self.subnode(vcn, depth + 1)?;
+            }
+            self.out.push(entry);
             if self.out.len() > 50_000_000 {
                 return Err(bad(self, "too many entries"));
             }
@@ -1133,14 +1203,12 @@ impl GuestFs for NtfsFs {
             if depth > 4096 {
                 return Err(Error::InvalidArgument(format!("path too deep: {path}")));
             }
-            let entries = self.index_entries(node)?;
-            let found = entries
-                .iter()
-                .find(|e| e.name == comp)
-                .or_else(|| entries.iter().find(|e| self.names_equal_ci(&e.name, comp)))
+            let found = self
+                .find_entry(node, comp)?
+                .filter(|e| e.namespace != 2 || e.name.eq_ignore_ascii_case(comp))
                 .ok_or_else(|| Error::NotFound(path.to_string()))?;
             if matches!(found.file_type(), FileType::Directory | FileType::Junction) {
-                self.check_subdir(node, found)?;
+                self.check_subdir(node, &found)?;
             }
             node = found.node;
         }

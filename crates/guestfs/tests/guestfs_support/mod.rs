@@ -29,7 +29,14 @@ pub fn run(cmd: &mut Command, package: &str) -> String {
 }
 
 pub fn sh(script: &str, package: &str) -> String {
-    run(Command::new("bash").arg("-euo").arg("pipefail").arg("-c").arg(script), package)
+    run(
+        Command::new("bash")
+            .arg("-euo")
+            .arg("pipefail")
+            .arg("-c")
+            .arg(script),
+        package,
+    )
 }
 
 /// Deterministic pseudo-random bytes.
@@ -55,14 +62,25 @@ pub fn make_tree(root: &Path, many: usize) {
     std::fs::write(root.join("big.bin"), pattern(3 << 20, 1)).unwrap();
     std::fs::write(root.join("docs/odd size.dat"), pattern(12_345, 2)).unwrap();
     std::fs::write(root.join("docs/deep/deeper/leaf.txt"), pattern(70_000, 3)).unwrap();
-    std::fs::write(root.join("docs/Überlänge Dateiname mit vielen Zeichen.txt"), b"unicode").unwrap();
+    std::fs::write(
+        root.join("docs/Überlänge Dateiname mit vielen Zeichen.txt"),
+        b"unicode",
+    )
+    .unwrap();
     std::fs::write(root.join("docs/日本語のファイル.txt"), pattern(5000, 4)).unwrap();
     for i in 0..many {
-        std::fs::write(root.join(format!("many/file-{i:05}.txt")), format!("entry {i}\n")).unwrap();
+        std::fs::write(
+            root.join(format!("many/file-{i:05}.txt")),
+            format!("entry {i}\n"),
+        )
+        .unwrap();
     }
     // Fixed mtimes (even seconds, so FAT's 2 s resolution keeps them exactly).
     sh(
-        &format!("find '{}' -exec touch -m -d '2021-03-04 05:06:08 UTC' {{}} +", root.display()),
+        &format!(
+            "find '{}' -exec touch -m -d '2021-03-04 05:06:08 UTC' {{}} +",
+            root.display()
+        ),
         "coreutils",
     );
 }
@@ -92,7 +110,15 @@ pub fn read_all(fs: &dyn GuestFs, node: NodeId, size: u64) -> guestfs::Result<Ve
 pub fn walk(fs: &dyn GuestFs) -> guestfs::Result<BTreeMap<String, Node>> {
     let mut out = BTreeMap::new();
     let mut on_path = HashSet::new();
-    walk_dir(fs, fs.root(), String::new(), &mut on_path, &mut out)?;
+    walk_dir(fs, fs.root(), String::new(), &mut on_path, &mut out, true)?;
+    Ok(out)
+}
+
+/// `walk` for hostile images: entry and inode types may disagree there.
+pub fn walk_hostile(fs: &dyn GuestFs) -> guestfs::Result<BTreeMap<String, Node>> {
+    let mut out = BTreeMap::new();
+    let mut on_path = HashSet::new();
+    walk_dir(fs, fs.root(), String::new(), &mut on_path, &mut out, false)?;
     Ok(out)
 }
 
@@ -102,6 +128,7 @@ fn walk_dir(
     prefix: String,
     on_path: &mut HashSet<u64>,
     out: &mut BTreeMap<String, Node>,
+    strict: bool,
 ) -> guestfs::Result<()> {
     let key = fs.dir_key(dir)?;
     if !on_path.insert(key) {
@@ -110,7 +137,12 @@ fn walk_dir(
     for e in fs.read_dir(dir)? {
         let path = format!("{prefix}/{}", e.name);
         let meta = fs.metadata(e.node)?;
-        assert_eq!(meta.file_type, e.file_type, "{path}: entry type vs metadata type");
+        if strict {
+            assert_eq!(
+                meta.file_type, e.file_type,
+                "{path}: entry type vs metadata type"
+            );
+        }
         let data = if meta.file_type == FileType::File {
             Some(read_all(fs, e.node, meta.size)?)
         } else {
@@ -119,7 +151,7 @@ fn walk_dir(
         let is_dir = meta.file_type == FileType::Directory;
         out.insert(path.clone(), Node { meta, data });
         if is_dir {
-            walk_dir(fs, e.node, path, on_path, out)?;
+            walk_dir(fs, e.node, path, on_path, out, strict)?;
         }
     }
     on_path.remove(&key);
@@ -162,7 +194,15 @@ pub fn to_vhdx(raw: &Path) -> PathBuf {
     let out = raw.with_extension("vhdx");
     run(
         Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "vhdx", "-o", "subformat=dynamic"])
+            .args([
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vhdx",
+                "-o",
+                "subformat=dynamic",
+            ])
             .arg(raw)
             .arg(&out),
         "qemu-utils",
@@ -175,14 +215,28 @@ pub fn to_vhdx(raw: &Path) -> PathBuf {
 pub fn tsk_list(img: &Path, offset_sectors: u64, fstype: &str) -> BTreeMap<String, String> {
     let out = run(
         Command::new("fls")
-            .args(["-r", "-p", "-u", "-o", &offset_sectors.to_string(), "-f", fstype])
+            .args([
+                "-r",
+                "-p",
+                "-u",
+                "-o",
+                &offset_sectors.to_string(),
+                "-f",
+                fstype,
+            ])
             .arg(img),
         "sleuthkit",
     );
     let mut m = BTreeMap::new();
     for line in out.lines() {
-        let Some((head, path)) = line.split_once(":\t") else { continue };
-        if path.starts_with('$') || path.contains("/$") || head.contains('*') || path.ends_with("(Volume Label Entry)") {
+        let Some((head, path)) = line.split_once(":\t") else {
+            continue;
+        };
+        if path.starts_with('$')
+            || path.contains("/$")
+            || head.contains('*')
+            || path.ends_with("(Volume Label Entry)")
+        {
             continue;
         }
         let inode = head.split_whitespace().last().unwrap().to_string();
@@ -198,6 +252,22 @@ pub fn tsk_cat(img: &Path, offset_sectors: u64, fstype: &str, inode: &str) -> Ve
         .arg(inode)
         .output()
         .expect("icat (apt package sleuthkit)");
-    assert!(out.status.success(), "icat {inode}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "icat {inode}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
+}
+
+/// Compare two path lists, printing only the differences.
+pub fn assert_same_paths<A: AsRef<str>, B: AsRef<str>>(ours: &[A], theirs: &[B], what: &str) {
+    let a: std::collections::BTreeSet<&str> = ours.iter().map(|s| s.as_ref()).collect();
+    let b: std::collections::BTreeSet<&str> = theirs.iter().map(|s| s.as_ref()).collect();
+    let only_a: Vec<_> = a.difference(&b).collect();
+    let only_b: Vec<_> = b.difference(&a).collect();
+    assert!(
+        only_a.is_empty() && only_b.is_empty(),
+        "{what}: only ours {only_a:?}, only theirs {only_b:?}"
+    );
 }

@@ -81,7 +81,16 @@ pub fn qemu_disk(path: &Path, format: DiskFormat, size: u64, writes: &[(u8, u64,
     match format {
         DiskFormat::Vhd => run(
             "qemu-img",
-            &["create", "-q", "-f", f, "-o", "subformat=dynamic,force_size=on", s(path), &size_arg],
+            &[
+                "create",
+                "-q",
+                "-f",
+                f,
+                "-o",
+                "subformat=dynamic,force_size=on",
+                s(path),
+                &size_arg,
+            ],
         ),
         _ => run("qemu-img", &["create", "-q", "-f", f, s(path), &size_arg]),
     };
@@ -132,7 +141,16 @@ pub fn read_disk(d: &dyn VirtualDisk) -> Vec<u8> {
 pub fn qemu_compare(a: &Path, fa: DiskFormat, b: &Path, fb: DiskFormat) {
     run(
         "qemu-img",
-        &["compare", "-q", "-f", qemu_fmt(fa), "-F", qemu_fmt(fb), s(a), s(b)],
+        &[
+            "compare",
+            "-q",
+            "-f",
+            qemu_fmt(fa),
+            "-F",
+            qemu_fmt(fb),
+            s(a),
+            s(b),
+        ],
     );
 }
 
@@ -185,4 +203,38 @@ pub fn allocated_chunk_bytes(path: &Path) -> u64 {
         }
     }
     chunks.iter().map(|c| MIB.min(size - c * MIB)).sum()
+}
+
+/// The guest view of a differencing disk as libvhdi (an independent implementation) reads it,
+/// written to a raw file: `chain` is the top layer, then its parents nearest first.
+pub fn libvhdi_view(chain: &[&Path], out: &Path) {
+    const SCRIPT: &str = r#"
+import sys, pyvhdi
+out, paths = sys.argv[1], sys.argv[2:]
+files = []
+for p in paths:
+    f = pyvhdi.file()
+    f.open(p)
+    files.append(f)
+for child, parent in zip(files, files[1:]):
+    child.set_parent(parent)
+top = files[0]
+size = top.get_media_size()
+with open(out, "wb") as o:
+    off = 0
+    while off < size:
+        n = min(1 << 20, size - off)
+        o.write(top.read_buffer_at_offset(n, off))
+        off += n
+"#;
+    let mut args = vec!["-c", SCRIPT, s(out)];
+    args.extend(chain.iter().map(|p| s(p)));
+    let out = Command::new("python3").args(&args).output().unwrap_or_else(|e| {
+        panic!("this test needs python3 with pyvhdi (libvhdi-python): {e}")
+    });
+    assert!(
+        out.status.success(),
+        "libvhdi could not read {chain:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
