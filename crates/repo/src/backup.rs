@@ -460,6 +460,18 @@ fn packer(run: &Run<'_>, rx: Receiver<Blob>) -> Result<Packed> {
                 // A failed run writes nothing more; keep draining so no worker blocks.
                 continue;
             }
+            // Finish the pack *before* it would outgrow pack_size (with its trailer): the
+            // writer reserved exactly that much, and growing a 32 MiB buffer copies it.
+            let projected = writer.size()
+                + blob.sealed.len() as u64
+                + (writer.len() as u64 + 1) * pack::TRAILER_ENTRY_LEN as u64
+                + 4096;
+            if !writer.is_empty() && projected > pack_size {
+                let full = std::mem::replace(&mut writer, PackWriter::new(pack_size));
+                if up_tx.send(full).is_err() {
+                    break;
+                }
+            }
             writer.add(
                 BlobEntry {
                     id: blob.id,
@@ -471,12 +483,6 @@ fn packer(run: &Run<'_>, rx: Receiver<Blob>) -> Result<Packed> {
                 },
                 blob.sealed,
             );
-            if writer.is_full() {
-                let full = std::mem::replace(&mut writer, PackWriter::new(pack_size));
-                if up_tx.send(full).is_err() {
-                    break;
-                }
-            }
         }
         if !run.abort.load(Ordering::SeqCst) && !writer.is_empty() {
             let _ = up_tx.send(writer);

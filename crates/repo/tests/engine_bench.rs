@@ -182,6 +182,7 @@ fn backup_throughput_against_machine_limit() {
         mbs(best_backup),
         best_backup / best_limit
     );
+    eprintln!("peak RSS of the whole test: {} MiB", peak_rss_kib() / 1024);
     eprintln!(
         "CPU time: limit {limit_cpu:.2}s, backup {backup_cpu:.2}s, ratio {:.2} (wall-clock \
          ratios mean little on a loaded machine)",
@@ -196,4 +197,12 @@ fn cpu_seconds() -> f64 {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Peak resident memory of this process, KiB.
+fn peak_rss_kib() -> i64 {
+    // SAFETY: getrusage only writes into the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    ru.ru_maxrss
 }
