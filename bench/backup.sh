@@ -154,7 +154,8 @@ hk_changes_read=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["summa
 timed hk/restore "$HK" restore "$hk_second_id" --target "$RES/hk"
 compare "hyperkeep (second backup)" "$RES/hk/disk.vhdx"
 "$HK" restore "$hk_changes_id" --target "$RES/hk-changes" >/dev/null
-compare "hyperkeep (change-list backup)" "$RES/hk-changes/$(basename "$CHILD")"
+# (the restored view is a whole disk, no longer a differencing one: restore names it .vhdx)
+compare "hyperkeep (change-list backup)" "$RES/hk-changes/$(basename "$CHILD" .avhdx).vhdx"
 rm -rf "$RES/hk" "$RES/hk-changes"
 size_hk=$(du -sb "$HYPERKEEP_REPOSITORY" | cut -f1)
 

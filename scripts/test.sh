@@ -115,14 +115,21 @@ if want workspace; then
         if cargo nextest --version >/dev/null 2>&1; then runner=nextest; else runner=cargo; fi
     fi
     section "Tests: workspace ($runner)"
+    # A hung test must not eat CI's 90 minutes: nextest ends any test still running after
+    # 10 minutes (as a tool config, so a repository .config/nextest.toml still wins), and the
+    # whole step has an outer limit for either runner.
+    nextest_cfg=$(mktemp --suffix=.toml)
+    printf '[profile.default]\nslow-timeout = { period = "60s", terminate-after = 10 }\n' >"$nextest_cfg"
     case "$runner" in
-    nextest) step "workspace tests" cargo nextest run --workspace --all-targets --no-fail-fast ;;
-    cargo) step "workspace tests" cargo test --workspace --all-targets --no-fail-fast ;;
+    nextest) step "workspace tests" timeout 45m cargo nextest run --workspace --all-targets \
+        --no-fail-fast --tool-config-file "hyperkeep-test-sh:$nextest_cfg" ;;
+    cargo) step "workspace tests" timeout 45m cargo test --workspace --all-targets --no-fail-fast ;;
     *) die "TEST_RUNNER must be 'cargo' or 'nextest', not '$runner'" ;;
     esac
     section "Tests: doctests"
     # --all-targets leaves doctests out (and nextest cannot run them).
-    step "doctests" cargo test --workspace --doc --no-fail-fast
+    step "doctests" timeout 15m cargo test --workspace --doc --no-fail-fast
+    rm -f "$nextest_cfg"
 fi
 
 fuzz_target() { # TARGET: run one cargo-fuzz target for FUZZ_SECONDS from the committed seeds

@@ -349,7 +349,11 @@ impl ExtFs {
         if start == 0 {
             return Ok(BTreeMap::new()); // clean: nothing to replay
         }
-        let incompat = if be32(&jsb, 4) == 4 { be32(&jsb, 40) } else { 0 };
+        let incompat = if be32(&jsb, 4) == 4 {
+            be32(&jsb, 40)
+        } else {
+            0
+        };
         const J_REVOKE: u32 = 0x1;
         const J_64BIT: u32 = 0x2;
         const J_ASYNC_COMMIT: u32 = 0x4;
@@ -371,7 +375,9 @@ impl ExtFs {
             ));
         }
         if first == 0 || first >= maxlen || start < first || start >= maxlen {
-            return Err(bad(format!("log area {first}..{maxlen} with start {start}")));
+            return Err(bad(format!(
+                "log area {first}..{maxlen} with start {start}"
+            )));
         }
         let is64 = incompat & J_64BIT != 0;
         let csum3 = incompat & J_CSUM_V3 != 0;
@@ -614,37 +620,74 @@ impl ExtFs {
         Ok(m)
     }
 
+    /// ext2/3 block map: 12 direct pointers, then single, double and triple indirect blocks.
+    /// Returns the run of physically contiguous (or absent) blocks from `l` within one pointer
+    /// array, so big files are read in large pieces and holes are skipped whole.
     fn map_indirect(&self, inode: &Inode, l: u64) -> Result<Mapping> {
         let per = self.block_size / 4;
         let ib = inode.iblock();
-        let (mut ptr, path): (u64, Vec<u64>) = if l < 12 {
-            (u32le(ib, l as usize * 4) as u64, vec![])
-        } else if l - 12 < per {
-            (u32le(ib, 48) as u64, vec![l - 12])
+        if l < 12 {
+            return self.run_in(ib, l as usize, 12);
+        }
+        // (root pointer, indices from the top level down, blocks one pointer covers per level)
+        let (root, path, spans): (u64, Vec<u64>, Vec<u64>) = if l - 12 < per {
+            (u32le(ib, 48) as u64, vec![l - 12], vec![1])
         } else if l - 12 - per < per * per {
             let r = l - 12 - per;
-            (u32le(ib, 52) as u64, vec![r / per, r % per])
+            (u32le(ib, 52) as u64, vec![r / per, r % per], vec![per, 1])
         } else if l - 12 - per - per * per < per * per * per {
             let r = l - 12 - per - per * per;
             (
                 u32le(ib, 56) as u64,
                 vec![r / (per * per), (r / per) % per, r % per],
+                vec![per * per, per, 1],
             )
         } else {
             return Ok(Mapping::Zero(1));
         };
-        for idx in path {
+        // A missing pointer at some level is a hole to the end of the subtree it would cover.
+        let hole_from = |level: usize| -> u64 {
+            let covered: u64 = path[level..]
+                .iter()
+                .zip(&spans[level..])
+                .map(|(i, s)| i * s)
+                .sum();
+            let span = if level == 0 {
+                spans[0] * per
+            } else {
+                spans[level - 1]
+            };
+            span - covered
+        };
+        let mut ptr = root;
+        for (level, &idx) in path.iter().enumerate() {
             if ptr == 0 {
-                return Ok(Mapping::Zero(1));
+                return Ok(Mapping::Zero(hole_from(level)));
             }
             let blk = self.meta_block(ptr)?;
+            if level + 1 == path.len() {
+                return self.run_in(&blk, idx as usize, per as usize);
+            }
             ptr = u32le(&blk, idx as usize * 4) as u64;
         }
-        if ptr == 0 {
-            return Ok(Mapping::Zero(1));
+        unreachable!("the loop returns at the last level")
+    }
+
+    /// The run starting at pointer `idx` of an array of `n` block pointers.
+    fn run_in(&self, arr: &[u8], idx: usize, n: usize) -> Result<Mapping> {
+        let p = u32le(arr, idx * 4) as u64;
+        let mut k = 1usize;
+        if p == 0 {
+            while idx + k < n && u32le(arr, (idx + k) * 4) == 0 {
+                k += 1;
+            }
+            return Ok(Mapping::Zero(k as u64));
         }
-        self.check_block(ptr, 1)?;
-        Ok(Mapping::Data(ptr, 1))
+        while idx + k < n && u32le(arr, (idx + k) * 4) as u64 == p + k as u64 {
+            k += 1;
+        }
+        self.check_block(p, k as u64)?;
+        Ok(Mapping::Data(p, k as u64))
     }
 
     /// Read an inode's data (regular file, directory or symlink body) at `offset`, clamped to

@@ -419,7 +419,10 @@ fn hostile_ext_images_fail_cleanly() {
     flagged[1024 + 96..1024 + 100].copy_from_slice(&inc.to_le_bytes());
     let fs = guestfs::open_fs(Volume::from_bytes(flagged)).unwrap();
     let n = fs.lookup("/a/b/data.bin").unwrap();
-    assert_eq!(read_all(fs.as_ref(), n, 50_000).unwrap(), pattern(50_000, 5));
+    assert_eq!(
+        read_all(fs.as_ref(), n, 50_000).unwrap(),
+        pattern(50_000, 5)
+    );
 
     // Noise over the metadata: errors, no panic, no hang.
     for seed in 0..40u64 {
@@ -446,9 +449,18 @@ fn debugfs_script(img: &Path, script: &str) {
         .spawn()
         .expect("debugfs (apt package e2fsprogs)");
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "debugfs: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "debugfs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A volume captured with committed but un-checkpointed journal transactions (written with
@@ -463,9 +475,37 @@ fn journal_replay_matches_e2fsck_recovery() {
     std::fs::write(src.join("big.bin"), pattern(200_000, 11)).unwrap();
     let img = tmp.path().join("j.img");
     // No metadata_csum: the inode we change through the journal keeps e2fsck (the oracle) calm.
-    run(Command::new("mke2fs").args(["-q", "-F", "-t", "ext4", "-b", "4096", "-O", "^metadata_csum", "-d"]).arg(&src).arg(&img).arg("32M"), "e2fsprogs");
+    run(
+        Command::new("mke2fs")
+            .args([
+                "-q",
+                "-F",
+                "-t",
+                "ext4",
+                "-b",
+                "4096",
+                "-O",
+                "^metadata_csum",
+                "-d",
+            ])
+            .arg(&src)
+            .arg(&img)
+            .arg("32M"),
+        "e2fsprogs",
+    );
     let block_of = |p: &str| -> u64 {
-        run(Command::new("debugfs").arg("-R").arg(format!("blocks {p}")).arg(&img), "e2fsprogs").trim().split_whitespace().next().unwrap().parse().unwrap()
+        run(
+            Command::new("debugfs")
+                .arg("-R")
+                .arg(format!("blocks {p}"))
+                .arg(&img),
+            "e2fsprogs",
+        )
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
     };
     let hello_blk = block_of("/hello.txt");
     let other_blk = block_of("/other.txt");
@@ -491,29 +531,58 @@ fn journal_replay_matches_e2fsck_recovery() {
     ));
     let recovered = tmp.path().join("recovered.img");
     std::fs::copy(&img, &recovered).unwrap();
-    let st = Command::new("e2fsck").arg("-fy").arg(&recovered).output().unwrap();
+    let st = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(&recovered)
+        .output()
+        .unwrap();
     assert!(matches!(st.status.code(), Some(0) | Some(1)), "{st:?}");
 
     let fs = guestfs::open_fs(Volume::whole(open_raw(&img))).unwrap();
     let theirs = guestfs::open_fs(Volume::whole(open_raw(&recovered))).unwrap();
     let ours_tree = walk(fs.as_ref()).unwrap();
     let their_tree = walk(theirs.as_ref()).unwrap();
-    assert_same_paths(&ours_tree.keys().collect::<Vec<_>>(), &their_tree.keys().collect::<Vec<_>>(), "replayed vs e2fsck");
+    assert_same_paths(
+        &ours_tree.keys().collect::<Vec<_>>(),
+        &their_tree.keys().collect::<Vec<_>>(),
+        "replayed vs e2fsck",
+    );
     for (p, n) in &their_tree {
         assert_eq!(ours_tree[p].data, n.data, "{p}");
         assert_eq!(ours_tree[p].meta.size, n.meta.size, "{p}");
     }
-    assert_eq!(ours_tree["/hello.txt"].data.as_deref(), Some(&b"JOURNALED"[..]));
-    assert_eq!(&ours_tree["/other.txt"].data.as_deref().unwrap()[..4], &0xC03B_3998u32.to_be_bytes());
+    assert_eq!(
+        ours_tree["/hello.txt"].data.as_deref(),
+        Some(&b"JOURNALED"[..])
+    );
+    assert_eq!(
+        &ours_tree["/other.txt"].data.as_deref().unwrap()[..4],
+        &0xC03B_3998u32.to_be_bytes()
+    );
     // And debugfs on the recovered copy agrees.
-    let cat = run(Command::new("debugfs").arg("-R").arg("cat /hello.txt").arg(&recovered), "e2fsprogs");
+    let cat = run(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg("cat /hello.txt")
+            .arg(&recovered),
+        "e2fsprogs",
+    );
     assert_eq!(cat, "JOURNALED");
 
     // Transaction 2 revokes other.txt's block: transaction 1's copy of it must not be replayed.
-    debugfs_script(&img, "jo\njw -r {other_blk}\njc\n".replace("{other_blk}", &other_blk.to_string()).as_str());
+    debugfs_script(
+        &img,
+        "jo\njw -r {other_blk}\njc\n"
+            .replace("{other_blk}", &other_blk.to_string())
+            .as_str(),
+    );
     let recovered2 = tmp.path().join("recovered2.img");
     std::fs::copy(&img, &recovered2).unwrap();
-    let st = Command::new("e2fsck").arg("-fy").arg(&recovered2).output().unwrap();
+    let st = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(&recovered2)
+        .output()
+        .unwrap();
     assert!(matches!(st.status.code(), Some(0) | Some(1)), "{st:?}");
     let fs = guestfs::open_fs(Volume::whole(open_raw(&img))).unwrap();
     let theirs = guestfs::open_fs(Volume::whole(open_raw(&recovered2))).unwrap();
@@ -523,15 +592,37 @@ fn journal_replay_matches_e2fsck_recovery() {
         let sa = fs.metadata(a).unwrap().size;
         let sb = theirs.metadata(b).unwrap().size;
         assert_eq!(sa, sb, "{p}");
-        assert_eq!(read_all(fs.as_ref(), a, sa).unwrap(), read_all(theirs.as_ref(), b, sb).unwrap(), "{p} after revoke");
+        assert_eq!(
+            read_all(fs.as_ref(), a, sa).unwrap(),
+            read_all(theirs.as_ref(), b, sb).unwrap(),
+            "{p} after revoke"
+        );
     }
     let other = fs.lookup("/other.txt").unwrap();
-    assert_eq!(read_all(fs.as_ref(), other, 15).unwrap(), b"other original\n");
+    assert_eq!(
+        read_all(fs.as_ref(), other, 15).unwrap(),
+        b"other original\n"
+    );
 }
 
 fn inode_offset_4k(img: &Path, path: &str) -> usize {
-    let out = run(Command::new("debugfs").arg("-R").arg(format!("imap {path}")).arg(img), "e2fsprogs");
-    let blk: usize = out.split("located at block ").nth(1).unwrap().split(',').next().unwrap().trim().parse().unwrap();
+    let out = run(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("imap {path}"))
+            .arg(img),
+        "e2fsprogs",
+    );
+    let blk: usize = out
+        .split("located at block ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let off = usize::from_str_radix(out.split("offset 0x").nth(1).unwrap().trim(), 16).unwrap();
     blk * 4096 + off
 }
@@ -546,8 +637,20 @@ fn live_mounted_copy_reads_like_e2fsck_recovery() {
     let snap = tmp.path().join("snap.img");
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
-    run(Command::new("mke2fs").args(["-q", "-F", "-t", "ext4"]).arg(&img).arg("64M"), "e2fsprogs");
-    run(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt), "mount");
+    run(
+        Command::new("mke2fs")
+            .args(["-q", "-F", "-t", "ext4"])
+            .arg(&img)
+            .arg("64M"),
+        "e2fsprogs",
+    );
+    run(
+        Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt),
+        "mount",
+    );
     struct Umount(PathBuf);
     impl Drop for Umount {
         fn drop(&mut self) {
@@ -561,7 +664,7 @@ fn live_mounted_copy_reads_like_e2fsck_recovery() {
     }
     std::fs::write(mnt.join("d/e/big"), pattern(2 << 20, 99)).unwrap();
     std::os::unix::fs::symlink("../d/f1", mnt.join("d/e/link")).unwrap();
-    run(Command::new("sync"), "coreutils");
+    run(&mut Command::new("sync"), "coreutils");
     std::fs::copy(&img, &snap).unwrap();
     drop(guard);
     let head = run(Command::new("dumpe2fs").arg("-h").arg(&snap), "e2fsprogs");
@@ -569,20 +672,39 @@ fn live_mounted_copy_reads_like_e2fsck_recovery() {
 
     let recovered = tmp.path().join("recovered.img");
     std::fs::copy(&snap, &recovered).unwrap();
-    let st = Command::new("e2fsck").arg("-fy").arg(&recovered).output().unwrap();
+    let st = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(&recovered)
+        .output()
+        .unwrap();
     assert!(matches!(st.status.code(), Some(0) | Some(1)), "{st:?}");
     let ours = guestfs::open_fs(Volume::whole(open_raw(&snap))).unwrap();
     let theirs = guestfs::open_fs(Volume::whole(open_raw(&recovered))).unwrap();
     let a = walk(ours.as_ref()).unwrap();
     let b = walk(theirs.as_ref()).unwrap();
-    assert_same_paths(&a.keys().collect::<Vec<_>>(), &b.keys().collect::<Vec<_>>(), "live copy vs e2fsck");
+    assert_same_paths(
+        &a.keys().collect::<Vec<_>>(),
+        &b.keys().collect::<Vec<_>>(),
+        "live copy vs e2fsck",
+    );
     for (p, n) in &b {
         assert_eq!(a[p].data, n.data, "{p}");
         assert_eq!(a[p].meta, n.meta, "{p}");
     }
     for i in 0..200 {
-        assert_eq!(a[&format!("/d/f{i}")].data.as_deref(), Some(&pattern(3000 + i * 7, i as u64)[..]));
+        assert_eq!(
+            a[&format!("/d/f{i}")].data.as_deref(),
+            Some(&pattern(3000 + i * 7, i as u64)[..])
+        );
     }
-    assert_eq!(a["/d/e/big"].data.as_deref(), Some(&pattern(2 << 20, 99)[..]));
-    assert_eq!(ours.read_link(ours.lookup("/d/e/link").unwrap()).unwrap().target, "../d/f1");
+    assert_eq!(
+        a["/d/e/big"].data.as_deref(),
+        Some(&pattern(2 << 20, 99)[..])
+    );
+    assert_eq!(
+        ours.read_link(ours.lookup("/d/e/link").unwrap())
+            .unwrap()
+            .target,
+        "../d/f1"
+    );
 }

@@ -55,7 +55,10 @@ impl Base {
         let mut pos = rec + le16(&self.bytes, rec + 0x14);
         loop {
             let t = le32(&self.bytes, pos);
-            assert_ne!(t, 0xFFFF_FFFF, "attribute {ty:#x} not found in record {node}");
+            assert_ne!(
+                t, 0xFFFF_FFFF,
+                "attribute {ty:#x} not found in record {node}"
+            );
             if t == ty {
                 return pos;
             }
@@ -70,7 +73,10 @@ impl Base {
 fn assert_corrupt<T: std::fmt::Debug>(r: guestfs::Result<T>, needle: &str) {
     match r {
         Err(Error::Corrupt { detail, .. }) => {
-            assert!(detail.contains(needle), "error '{detail}' should mention '{needle}'")
+            assert!(
+                detail.contains(needle),
+                "error '{detail}' should mention '{needle}'"
+            )
         }
         other => panic!("expected a corrupt-filesystem error mentioning '{needle}', got {other:?}"),
     }
@@ -83,8 +89,14 @@ fn with_runs(b: &Base, pairs: &[u8]) -> Vec<u8> {
     assert_eq!(bytes[a + 8], 1, "data.bin must be non-resident");
     let rl = a + le16(&bytes, a + 0x20);
     let rec = b.record(b.data_node);
-    assert!(rl + pairs.len() < rec + 510, "runlist would cross a sector end");
-    assert!(pairs.len() <= le32(&bytes, a + 4) - le16(&bytes, a + 0x20), "runlist too long");
+    assert!(
+        rl + pairs.len() < rec + 510,
+        "runlist would cross a sector end"
+    );
+    assert!(
+        pairs.len() <= le32(&bytes, a + 4) - le16(&bytes, a + 0x20),
+        "runlist too long"
+    );
     bytes[rl..rl + pairs.len()].copy_from_slice(pairs);
     bytes
 }
@@ -100,23 +112,37 @@ fn ntfs_hostile_images() {
     let mut bytes = b.bytes.clone();
     bytes[b.record(b.data_node) + 510] ^= 0xFF;
     let fs = b.open(bytes).unwrap();
-    assert_corrupt(fs.metadata(b.data_node), &format!("MFT record {}: update sequence mismatch", b.data_node));
+    assert_corrupt(
+        fs.metadata(b.data_node),
+        &format!("MFT record {}: update sequence mismatch", b.data_node),
+    );
 
     // 2. A run outside the volume (16 MiB = 4096 clusters).
-    let fs = b.open(with_runs(&b, &[0x31, 25, 0x00, 0x00, 0x40, 0x00])).unwrap();
+    let fs = b
+        .open(with_runs(&b, &[0x31, 25, 0x00, 0x00, 0x40, 0x00]))
+        .unwrap();
     assert_corrupt(fs.metadata(b.data_node), "outside the volume");
 
     // Where data.bin really is, to build overlapping / looping runs over its clusters.
     let a = b.attr(b.data_node, 0x80);
     let rl = a + le16(&b.bytes, a + 0x20);
     let hdr = b.bytes[rl];
-    assert_eq!(hdr, 0x21, "expected a one-byte run length and a two-byte cluster number");
-    assert_eq!(b.bytes[rl + 1], 25, "data.bin should be one run of 25 clusters");
+    assert_eq!(
+        hdr, 0x21,
+        "expected a one-byte run length and a two-byte cluster number"
+    );
+    assert_eq!(
+        b.bytes[rl + 1],
+        25,
+        "data.bin should be one run of 25 clusters"
+    );
     let l = [b.bytes[rl + 2], b.bytes[rl + 3]];
     // The attribute has room for 8 bytes of mapping pairs (5 used, padded to 8).
     assert_eq!(le32(&b.bytes, a + 4) - le16(&b.bytes, a + 0x20), 8);
     // 3. Overlapping: 13 clusters at lcn, then 12 at lcn-5.
-    let fs = b.open(with_runs(&b, &[0x21, 13, l[0], l[1], 0x11, 12, 0xFB, 0])).unwrap();
+    let fs = b
+        .open(with_runs(&b, &[0x21, 13, l[0], l[1], 0x11, 12, 0xFB, 0]))
+        .unwrap();
     assert_corrupt(fs.metadata(b.data_node), "overlap");
     // 4. Looping: the same clusters again and again.
     let fs = b
@@ -171,7 +197,9 @@ fn exercise(fs: &dyn GuestFs) {
         if !seen.insert(dir) || seen.len() > 10_000 {
             continue;
         }
-        let Ok(entries) = fs.read_dir(dir) else { continue };
+        let Ok(entries) = fs.read_dir(dir) else {
+            continue;
+        };
         for e in entries {
             let _ = fs.lookup(&e.name);
             let _ = fs.read_link(e.node);
@@ -179,7 +207,9 @@ fn exercise(fs: &dyn GuestFs) {
                 stack.push(e.node);
                 continue;
             }
-            let Ok(md) = fs.metadata(e.node) else { continue };
+            let Ok(md) = fs.metadata(e.node) else {
+                continue;
+            };
             let mut streams: Vec<Option<String>> = vec![None];
             streams.extend(md.streams.iter().map(|s| Some(s.name.clone())));
             for s in streams {
@@ -229,6 +259,10 @@ fn ntfs_random_byte_flips_never_panic_or_hang() {
         if let Ok(fs) = b.open(bytes) {
             exercise(&fs);
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "round {round} took {:?}", t.elapsed());
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "round {round} took {:?}",
+            t.elapsed()
+        );
     }
 }

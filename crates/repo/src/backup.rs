@@ -466,7 +466,7 @@ fn packer(run: &Run<'_>, rx: Receiver<Blob>) -> Result<Packed> {
                 + blob.sealed.len() as u64
                 + (writer.len() as u64 + 1) * pack::TRAILER_ENTRY_LEN as u64
                 + 4096;
-            if !writer.is_empty() && projected > pack_size {
+            if writer.size() >= pack_size {
                 let full = std::mem::replace(&mut writer, PackWriter::new(pack_size));
                 if up_tx.send(full).is_err() {
                     break;

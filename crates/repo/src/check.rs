@@ -24,6 +24,11 @@
 //! sets that together cover every pack after ⌈100 / N⌉ runs; a scheduler can pass the day number
 //! as the seed to rotate through the repository. `n/t` (restic's form) reads group n of t.
 //!
+//! # Repair
+//! Index files are a cache of the pack trailers. When one is lost or damaged, check says so and
+//! tells "data present, index incomplete" (the needed blobs sit in packs no index lists) from
+//! "data lost"; [`repair_index`] then rebuilds the index from the trailers.
+//!
 //! # Reporting
 //! Every [`Problem`] names the object (`pack <id>`, `index <id>`, `snapshot <id>`, `key <id>`)
 //! and, where data is damaged or missing, lists the snapshots and the disks/files inside them
@@ -771,6 +776,113 @@ fn attribute(
             });
         }
     }
+}
+
+/// What [`repair_index`] found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairReport {
+    pub dry_run: bool,
+    /// Index files that could not be read (replaced).
+    pub damaged_index_files: Vec<String>,
+    /// Packs no readable index listed, whose trailers were read and indexed again.
+    pub packs_reindexed: Vec<String>,
+    /// Packs in no readable index whose trailer is unreadable too (their blobs stay lost).
+    pub packs_unreadable: Vec<String>,
+    /// Indexed packs that do not exist (dropped from the index).
+    pub packs_missing: Vec<String>,
+    pub index_files_written: u64,
+    pub index_files_deleted: u64,
+}
+
+/// Rebuild what the index lacks from the pack trailers: index files are a cache of them. Packs
+/// that no readable index lists get their trailer read and are indexed again; index entries of
+/// packs that no longer exist are dropped; damaged index files are replaced. Nothing is written
+/// when nothing is wrong.
+///
+/// Takes the exclusive lock. Crash-safe like prune: the new index (listing every readable
+/// entry of every existing pack) is stored before any old index file is deleted, and packs are
+/// never touched.
+pub fn repair_index(repo: &Repository, dry_run: bool) -> Result<RepairReport> {
+    let _lock = crate::lock::acquire(repo, !dry_run, "repair index")?;
+    let mut report = RepairReport {
+        dry_run,
+        ..Default::default()
+    };
+    let stored: HashMap<String, ObjectInfo> = repo
+        .backend()
+        .list(ObjectKind::Pack)?
+        .into_iter()
+        .map(|i| (i.name.clone(), i))
+        .collect();
+    let mut names = Vec::new();
+    let mut index = Index::new();
+    for info in repo.backend().list(ObjectKind::Index)? {
+        match repo.load_json::<IndexFile>(ObjectKind::Index, &info.name) {
+            Ok(file) => {
+                for p in &file.packs {
+                    index.insert_pack(p.id, &p.blobs);
+                }
+            }
+            Err(Error::Missing(_)) => continue,
+            Err(_) => report.damaged_index_files.push(info.name.clone()),
+        }
+        names.push(info.name);
+    }
+    index.finalize();
+    let mut by_pack = index.blobs_by_pack();
+    let mut missing: Vec<Id> = by_pack
+        .keys()
+        .filter(|p| !stored.contains_key(&p.to_hex()))
+        .copied()
+        .collect();
+    missing.sort();
+    for p in &missing {
+        by_pack.remove(p);
+        report.packs_missing.push(p.to_hex());
+    }
+    let mut unindexed: Vec<(&String, &ObjectInfo)> = stored
+        .iter()
+        .filter(|(n, _)| Id::from_hex(n).is_ok_and(|id| !index.has_pack(&id)))
+        .collect();
+    unindexed.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, info) in unindexed {
+        let Ok(id) = Id::from_hex(name) else { continue };
+        match repo.read_pack_trailer(&id, info.size) {
+            Ok(mut entries) => {
+                entries.sort_by_key(|e| e.offset);
+                by_pack.insert(id, entries);
+                report.packs_reindexed.push(name.clone());
+            }
+            Err(_) => report.packs_unreadable.push(name.clone()),
+        }
+    }
+    let changed = !report.damaged_index_files.is_empty()
+        || !report.packs_reindexed.is_empty()
+        || !report.packs_missing.is_empty();
+    if !changed || dry_run {
+        if changed {
+            report.index_files_written = 1;
+            report.index_files_deleted = names.len() as u64;
+        }
+        return Ok(report);
+    }
+    let mut packs: Vec<crate::index::IndexPack> = by_pack
+        .into_iter()
+        .map(|(id, blobs)| crate::index::IndexPack { id, blobs })
+        .collect();
+    packs.sort_by_key(|p| p.id);
+    let supersedes = names.iter().filter_map(|n| Id::from_hex(n).ok()).collect();
+    let file = IndexFile { packs, supersedes };
+    let written = repo.save_json(ObjectKind::Index, &file)?.to_hex();
+    report.index_files_written = 1;
+    for n in &names {
+        // Identical content hashes to the same name: never delete what was just written.
+        if *n != written {
+            repo.backend().delete(ObjectKind::Index, n)?;
+            report.index_files_deleted += 1;
+        }
+    }
+    Ok(report)
 }
 
 #[cfg(test)]

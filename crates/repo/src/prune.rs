@@ -219,6 +219,8 @@ pub fn prune_with_progress(
         }
     }
 
+    // Above 1.0 every pack would be repacked on every run; NaN repacks nothing.
+    let threshold = opts.repack_threshold.clamp(0.0, 1.0);
     let mut fates: Vec<(Id, Fate)> = Vec::new();
     for (p, _) in &ranked {
         // Waste is measured against the blob bytes, not the file size: the trailer is overhead
@@ -233,7 +235,7 @@ pub fn prune_with_progress(
             .map_or(0, |v| v.iter().map(|b| u64::from(b.stored_len)).sum());
         let fate = if used_bytes == 0 {
             Fate::Delete
-        } else if (used_bytes as f64) < opts.repack_threshold * size as f64 {
+        } else if (used_bytes as f64) < threshold * size as f64 {
             Fate::Repack
         } else {
             Fate::Keep

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use maint_util::*;
 use repo::backend::ObjectKind;
-use repo::check::{check, CheckOptions, CheckReport, ReadData};
+use repo::check::{check, repair_index, CheckOptions, CheckReport, ReadData};
 use repo::repository::Repository;
 use tempfile::TempDir;
 
@@ -325,4 +325,31 @@ fn lost_index_is_told_apart_from_lost_data() {
         assert!(p.affected.iter().any(|a| a.snapshot == e.id), "{text}");
     }
     assert_eq!(r.warnings.len(), names(ObjectKind::Pack, &repo).len());
+
+    // The index is a cache of the pack trailers: repair rebuilds it. A junk index file (not
+    // even sealed) is replaced along the way.
+    let junk = b"not an index".to_vec();
+    let junk_name = repo::crypto::hash(&junk).to_hex();
+    repo.backend()
+        .put(ObjectKind::Index, &junk_name, &junk)
+        .unwrap();
+    let before = listing(&repo);
+    let dry = repair_index(&repo, true).unwrap();
+    assert_eq!(listing(&repo), before, "dry run changed the repository");
+    let rep = repair_index(&repo, false).unwrap();
+    assert_eq!(rep.packs_reindexed, dry.packs_reindexed);
+    assert_eq!(rep.packs_reindexed, names(ObjectKind::Pack, &repo));
+    assert_eq!(rep.damaged_index_files, vec![junk_name.clone()]);
+    assert!(rep.packs_unreadable.is_empty() && rep.packs_missing.is_empty());
+    assert_eq!((rep.index_files_written, rep.index_files_deleted), (1, 1));
+    let r = run(&repo, ReadData::All);
+    assert!(r.is_clean(), "{}", report_text(&r));
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    for e in &expected {
+        assert_restores(&repo, e, tmp.path());
+    }
+    // Nothing left to repair.
+    let again = repair_index(&repo, false).unwrap();
+    assert!(again.packs_reindexed.is_empty() && again.damaged_index_files.is_empty());
+    assert_eq!(again.index_files_written, 0);
 }

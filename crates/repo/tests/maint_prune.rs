@@ -385,7 +385,11 @@ fn prune_interrupted_at_every_step_loses_nothing() {
         let index = repo.load_index().unwrap();
         let indexed: HashSet<Id> = index.iter().map(|(id, _)| id).collect();
         assert_eq!(indexed, used_blobs(&repo), "budget {budget}");
-        assert_eq!(index.len(), indexed.len(), "budget {budget}: duplicate copies remain");
+        assert_eq!(
+            index.len(),
+            indexed.len(),
+            "budget {budget}: duplicate copies remain"
+        );
         let stored: HashSet<Id> = repo
             .backend()
             .list(ObjectKind::Pack)

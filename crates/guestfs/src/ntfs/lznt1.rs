@@ -95,7 +95,14 @@ mod tests {
         // "abc" literals then a back-reference offset 3 length 6 -> "abcabcabc".
         // dp = 3 -> lg 0: offset bits 4, token = ((3-1) << 12) | (6-3).
         let token: u16 = (2 << 12) | 3;
-        let body = [0b0000_1000, b'a', b'b', b'c', token as u8, (token >> 8) as u8];
+        let body = [
+            0b0000_1000,
+            b'a',
+            b'b',
+            b'c',
+            token as u8,
+            (token >> 8) as u8,
+        ];
         let mut src = vec![];
         let header: u16 = 0xB000 | (body.len() as u16 - 1);
         src.extend_from_slice(&header.to_le_bytes());
@@ -111,7 +118,11 @@ mod tests {
         let mut out = vec![0u8; 65536];
         for seed in 0..2000u32 {
             let src: Vec<u8> = (0..300u32)
-                .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed.wrapping_mul(40503)) >> 13) as u8)
+                .map(|i| {
+                    (i.wrapping_mul(2654435761)
+                        .wrapping_add(seed.wrapping_mul(40503))
+                        >> 13) as u8
+                })
                 .collect();
             let _ = decompress(&src, &mut out);
         }

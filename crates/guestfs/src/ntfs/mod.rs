@@ -169,14 +169,11 @@ impl File {
         }
     }
     fn stream(&self, name: &str) -> Option<&Stream> {
-        self.data
-            .iter()
-            .find(|s| s.name == name)
-            .or_else(|| {
-                self.data
-                    .iter()
-                    .find(|s| s.name.to_uppercase() == name.to_uppercase())
-            })
+        self.data.iter().find(|s| s.name == name).or_else(|| {
+            self.data
+                .iter()
+                .find(|s| s.name.to_uppercase() == name.to_uppercase())
+        })
     }
 }
 
@@ -221,14 +218,23 @@ struct Geo {
 impl Geo {
     /// Read the clusters of `runs` covering bytes `offset..offset+buf.len()` of the attribute, in
     /// one volume read per run piece.
-    fn read_runs(&self, what: &dyn Fn() -> String, runs: &[Run], buf: &mut [u8], offset: u64) -> Result<()> {
+    fn read_runs(
+        &self,
+        what: &dyn Fn() -> String,
+        runs: &[Run],
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<()> {
         let cs = self.cluster;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
             let vcn = pos / cs;
             let i = runlist::find(runs, vcn).ok_or_else(|| {
-                corrupt(format!("{}: byte {pos} lies beyond the attribute's runlist", what()))
+                corrupt(format!(
+                    "{}: byte {pos} lies beyond the attribute's runlist",
+                    what()
+                ))
             })?;
             let run = runs[i];
             let into_run = pos - run.vcn * cs;
@@ -245,7 +251,13 @@ impl Geo {
     }
 
     /// Read an uncompressed stream (resident or not), honouring initialized size.
-    fn read_plain(&self, what: &dyn Fn() -> String, s: &Stream, buf: &mut [u8], offset: u64) -> Result<usize> {
+    fn read_plain(
+        &self,
+        what: &dyn Fn() -> String,
+        s: &Stream,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<usize> {
         if offset >= s.data_size {
             return Ok(0);
         }
@@ -265,10 +277,17 @@ impl Geo {
     /// Read a whole (small) metadata stream into memory, bounded.
     fn read_all(&self, what: &dyn Fn() -> String, s: &Stream) -> Result<Vec<u8>> {
         if s.data_size > MAX_METADATA_STREAM {
-            return Err(corrupt(format!("{}: size {} is absurd", what(), s.data_size)));
+            return Err(corrupt(format!(
+                "{}: size {} is absurd",
+                what(),
+                s.data_size
+            )));
         }
         if s.is_compressed() {
-            return Err(corrupt(format!("{}: metadata stream is compressed", what())));
+            return Err(corrupt(format!(
+                "{}: metadata stream is compressed",
+                what()
+            )));
         }
         let mut v = vec![0u8; s.data_size as usize];
         self.read_plain(what, s, &mut v, 0)?;
@@ -290,7 +309,12 @@ impl Geo {
     }
 
     /// Merge the extents of one attribute (sorted by starting VCN) into a stream.
-    fn build_stream(&self, what: &dyn Fn() -> String, mut extents: Vec<&Attr>, need_full: bool) -> Result<Stream> {
+    fn build_stream(
+        &self,
+        what: &dyn Fn() -> String,
+        mut extents: Vec<&Attr>,
+        need_full: bool,
+    ) -> Result<Stream> {
         extents.sort_by_key(|a| match &a.body {
             Body::NonResident(nr) => nr.start_vcn,
             Body::Resident(_) => 0,
@@ -298,7 +322,10 @@ impl Geo {
         let first = extents[0];
         if let Body::Resident(v) = &first.body {
             if extents.len() > 1 {
-                return Err(corrupt(format!("{}: resident attribute with several extents", what())));
+                return Err(corrupt(format!(
+                    "{}: resident attribute with several extents",
+                    what()
+                )));
             }
             return Ok(Stream {
                 name: first.name.clone(),
@@ -317,7 +344,10 @@ impl Geo {
         let mut head = None;
         for a in &extents {
             let Body::NonResident(nr) = &a.body else {
-                return Err(corrupt(format!("{}: resident and non-resident extents mixed", what())));
+                return Err(corrupt(format!(
+                    "{}: resident and non-resident extents mixed",
+                    what()
+                )));
             };
             if nr.start_vcn != next_vcn {
                 return Err(corrupt(format!(
@@ -358,6 +388,9 @@ impl Geo {
     }
 }
 
+/// A decompressed compression unit: (MFT record, stream name, unit number).
+type UnitKey = (u64, String, u64);
+
 /// An open NTFS volume.
 pub struct NtfsFs {
     geo: Geo,
@@ -366,7 +399,7 @@ pub struct NtfsFs {
     label: Option<String>,
     upcase: OnceLock<Option<Vec<u16>>>,
     files: Mutex<Lru<u64, Arc<File>>>,
-    units: Mutex<Lru<(u64, String, u64), Arc<Vec<u8>>>>,
+    units: Mutex<Lru<UnitKey, Arc<Vec<u8>>>>,
 }
 
 impl std::fmt::Debug for NtfsFs {
@@ -375,7 +408,10 @@ impl std::fmt::Debug for NtfsFs {
             .field("label", &self.label)
             .field("cluster_size", &self.geo.cluster)
             .field("record_size", &self.geo.record_size)
-            .field("mft_records", &(self.mft.data_size / self.geo.record_size as u64))
+            .field(
+                "mft_records",
+                &(self.mft.data_size / self.geo.record_size as u64),
+            )
             .finish()
     }
 }
@@ -390,7 +426,10 @@ impl NtfsFs {
         let mut bs = [0u8; 512];
         vol.read_exact_at(&mut bs, 0)?;
         let boot = boot::parse(&bs)?;
-        let volume_bytes = (boot.total_sectors.saturating_mul(boot.bytes_per_sector as u64)).min(vol.len());
+        let volume_bytes = (boot
+            .total_sectors
+            .saturating_mul(boot.bytes_per_sector as u64))
+        .min(vol.len());
         let geo = Geo {
             total_clusters: volume_bytes / boot.cluster_size,
             cluster: boot.cluster_size,
@@ -430,7 +469,8 @@ impl NtfsFs {
             .read_exact_at(&mut buf, off)
             .map_err(|e| corrupt(format!("cannot read $MFT record 0 at byte {off}: {e}")))?;
         apply_fixups(&mut buf, b"FILE").map_err(|e| corrupt(format!("MFT record 0: {e}")))?;
-        let rec0 = parse_record(&buf, geo.total_clusters).map_err(|e| corrupt(format!("MFT record 0: {e}")))?;
+        let rec0 = parse_record(&buf, geo.total_clusters)
+            .map_err(|e| corrupt(format!("MFT record 0: {e}")))?;
         let what = || "$MFT $DATA".to_string();
         let mut extents: Vec<Attr> = rec0
             .attrs
@@ -445,7 +485,8 @@ impl NtfsFs {
             let alw = || "$MFT $ATTRIBUTE_LIST".to_string();
             let list_stream = geo.build_stream(&alw, vec![al], true)?;
             let bytes = geo.read_all(&alw, &list_stream)?;
-            let entries = parse_attribute_list(&bytes).map_err(|e| corrupt(format!("$MFT attribute list: {e}")))?;
+            let entries = parse_attribute_list(&bytes)
+                .map_err(|e| corrupt(format!("$MFT attribute list: {e}")))?;
             let mut pending: Vec<&ListEntry> = entries
                 .iter()
                 .filter(|e| e.ty == AT_DATA && e.name.is_empty() && e.record != 0)
@@ -457,7 +498,9 @@ impl NtfsFs {
                     continue;
                 }
                 if seen.len() > MAX_EXTENSION_RECORDS {
-                    return Err(corrupt("$MFT attribute list names too many extension records"));
+                    return Err(corrupt(
+                        "$MFT attribute list names too many extension records",
+                    ));
                 }
                 let partial = geo.build_stream(&what, extents.iter().collect(), false)?;
                 let b = geo.read_record(&partial, e.record).map_err(|err| {
@@ -474,25 +517,33 @@ impl NtfsFs {
                         e.record
                     )));
                 }
-                extents.extend(r.attrs.into_iter().filter(|a| a.ty == AT_DATA && a.name.is_empty()));
+                extents.extend(
+                    r.attrs
+                        .into_iter()
+                        .filter(|a| a.ty == AT_DATA && a.name.is_empty()),
+                );
             }
         }
         let mft = geo.build_stream(&what, extents.iter().collect(), true)?;
-        if mft.resident.is_some() || mft.is_compressed() || mft.data_size < 16 * geo.record_size as u64 {
+        if mft.resident.is_some()
+            || mft.is_compressed()
+            || mft.data_size < 16 * geo.record_size as u64
+        {
             return Err(corrupt("$MFT $DATA is resident, compressed or too small"));
         }
         Ok(mft)
     }
 
     fn read_label(&self) -> Option<String> {
-        let f = self.file(VOLUME_RECORD).ok()?;
-        let _ = f;
         let buf = self.geo.read_record(&self.mft, VOLUME_RECORD).ok()?;
         let r = parse_record(&buf, self.geo.total_clusters).ok()?;
-        r.attrs.iter().find(|a| a.ty == AT_VOLUME_NAME).and_then(|a| match &a.body {
-            Body::Resident(v) => Some(utf16(v).0),
-            _ => None,
-        })
+        r.attrs
+            .iter()
+            .find(|a| a.ty == AT_VOLUME_NAME)
+            .and_then(|a| match &a.body {
+                Body::Resident(v) => Some(utf16(v).0),
+                _ => None,
+            })
     }
 
     /// Volume serial number from the boot sector.
@@ -506,7 +557,10 @@ impl NtfsFs {
             return Ok(f);
         }
         let f = Arc::new(self.load_file(n)?);
-        self.files.lock().unwrap_or_else(|e| e.into_inner()).insert(n, f.clone());
+        self.files
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(n, f.clone());
         Ok(f)
     }
 
@@ -515,7 +569,9 @@ impl NtfsFs {
         let buf = self.geo.read_record(&self.mft, n)?;
         let rec = parse_record(&buf, tc).map_err(|e| corrupt(format!("MFT record {n}: {e}")))?;
         if rec.flags & RECORD_IN_USE == 0 {
-            return Err(corrupt(format!("MFT record {n} is not in use (stale reference)")));
+            return Err(corrupt(format!(
+                "MFT record {n} is not in use (stale reference)"
+            )));
         }
         if rec.base != 0 {
             return Err(corrupt(format!(
@@ -536,7 +592,8 @@ impl NtfsFs {
             let w = || format!("MFT record {n} $ATTRIBUTE_LIST");
             let s = self.geo.build_stream(&w, vec![&al], true)?;
             let bytes = self.geo.read_all(&w, &s)?;
-            let entries = parse_attribute_list(&bytes).map_err(|e| corrupt(format!("{}: {e}", w())))?;
+            let entries =
+                parse_attribute_list(&bytes).map_err(|e| corrupt(format!("{}: {e}", w())))?;
             let mut seen = HashSet::new();
             for e in &entries {
                 if e.record == n || !seen.insert(e.record) {
@@ -546,7 +603,8 @@ impl NtfsFs {
                     return Err(corrupt(format!("{}: too many extension records", w())));
                 }
                 let b = self.geo.read_record(&self.mft, e.record)?;
-                let r = parse_record(&b, tc).map_err(|err| corrupt(format!("MFT record {}: {err}", e.record)))?;
+                let r = parse_record(&b, tc)
+                    .map_err(|err| corrupt(format!("MFT record {}: {err}", e.record)))?;
                 if r.base != n || r.flags & RECORD_IN_USE == 0 {
                     return Err(corrupt(format!(
                         "{}: points to record {} which is not an extension of record {n}",
@@ -672,7 +730,10 @@ impl NtfsFs {
     fn find_entry(&self, dir: u64, name: &str) -> Result<Option<IndexEntry>> {
         let f = self.file(dir)?;
         if !f.is_dir {
-            return Err(Error::NotADirectory(format!("MFT record {dir} ({})", f.display_name())));
+            return Err(Error::NotADirectory(format!(
+                "MFT record {dir} ({})",
+                f.display_name()
+            )));
         }
         let root = f
             .index_root
@@ -724,7 +785,10 @@ impl NtfsFs {
     fn index_entries(&self, dir: u64) -> Result<Vec<IndexEntry>> {
         let f = self.file(dir)?;
         if !f.is_dir {
-            return Err(Error::NotADirectory(format!("MFT record {dir} ({})", f.display_name())));
+            return Err(Error::NotADirectory(format!(
+                "MFT record {dir} ({})",
+                f.display_name()
+            )));
         }
         let root = f
             .index_root
@@ -778,11 +842,21 @@ impl NtfsFs {
     }
 
     fn read_stream(&self, f: &File, s: &Stream, buf: &mut [u8], offset: u64) -> Result<usize> {
-        let what = || format!("'{}' (MFT record {}) stream '{}'", f.display_name(), f.num, s.name);
+        let what = || {
+            format!(
+                "'{}' (MFT record {}) stream '{}'",
+                f.display_name(),
+                f.num,
+                s.name
+            )
+        };
         if s.flags & ATTR_ENCRYPTED != 0 {
             return Err(Error::unsupported(
                 "NTFS",
-                format!("{} is EFS-encrypted; it can only be read on Windows with the owner's key", what()),
+                format!(
+                    "{} is EFS-encrypted; it can only be read on Windows with the owner's key",
+                    what()
+                ),
             ));
         }
         if !s.is_compressed() {
@@ -791,20 +865,33 @@ impl NtfsFs {
         self.read_compressed(f, s, buf, offset, &what)
     }
 
-    fn read_compressed(&self, f: &File, s: &Stream, buf: &mut [u8], offset: u64, what: &dyn Fn() -> String) -> Result<usize> {
+    fn read_compressed(
+        &self,
+        f: &File,
+        s: &Stream,
+        buf: &mut [u8],
+        offset: u64,
+        what: &dyn Fn() -> String,
+    ) -> Result<usize> {
         if offset >= s.data_size {
             return Ok(0);
         }
         let cs = self.geo.cluster;
         if s.compression_unit == 0 {
-            return Err(Error::unsupported("NTFS", format!("{}: compressed with a compression unit of 0", what())));
+            return Err(Error::unsupported(
+                "NTFS",
+                format!("{}: compressed with a compression unit of 0", what()),
+            ));
         }
         let unit_clusters = 1u64 << s.compression_unit;
         let unit_bytes = unit_clusters * cs;
         if unit_bytes > MAX_COMPRESSION_UNIT {
             return Err(Error::unsupported(
                 "NTFS",
-                format!("{}: compression unit of {unit_bytes} bytes (cluster size over 4 KiB)", what()),
+                format!(
+                    "{}: compression unit of {unit_bytes} bytes (cluster size over 4 KiB)",
+                    what()
+                ),
             ));
         }
         let n = (s.data_size - offset).min(buf.len() as u64) as usize;
@@ -830,7 +917,16 @@ impl NtfsFs {
     /// One compression unit: all sparse = zeros; fully allocated = stored uncompressed;
     /// otherwise the allocated clusters hold LZNT1 data.
     #[allow(clippy::too_many_arguments)]
-    fn read_unit(&self, f: &File, s: &Stream, unit: u64, unit_clusters: u64, in_unit: usize, dst: &mut [u8], what: &dyn Fn() -> String) -> Result<()> {
+    fn read_unit(
+        &self,
+        f: &File,
+        s: &Stream,
+        unit: u64,
+        unit_clusters: u64,
+        in_unit: usize,
+        dst: &mut [u8],
+        what: &dyn Fn() -> String,
+    ) -> Result<()> {
         let cs = self.geo.cluster;
         let first_vcn = unit * unit_clusters;
         let end_vcn = first_vcn + unit_clusters;
@@ -856,7 +952,11 @@ impl NtfsFs {
             return self.geo.read_runs(what, &s.runs, dst, off);
         }
         let key = (f.num, s.name.clone(), unit);
-        let cached = self.units.lock().unwrap_or_else(|e| e.into_inner()).get(&key);
+        let cached = self
+            .units
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key);
         let data = match cached {
             Some(d) => d,
             None => {
@@ -867,7 +967,9 @@ impl NtfsFs {
                     // it only pad the unit.
                     if let Some(l) = lcn {
                         let bytes = (len * cs) as usize;
-                        self.geo.vol.read_exact_at(&mut comp[at..at + bytes], l * cs)?;
+                        self.geo
+                            .vol
+                            .read_exact_at(&mut comp[at..at + bytes], l * cs)?;
                         at += bytes;
                     }
                 }
@@ -875,7 +977,10 @@ impl NtfsFs {
                 lznt1::decompress(&comp, &mut out)
                     .map_err(|e| corrupt(format!("{}: compression unit {unit}: {e}", what())))?;
                 let d = Arc::new(out);
-                self.units.lock().unwrap_or_else(|e| e.into_inner()).insert(key, d.clone());
+                self.units
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key, d.clone());
                 d
             }
         };
@@ -925,19 +1030,31 @@ struct Walk<'a> {
 
 impl Walk<'_> {
     fn what(&self) -> String {
-        format!("directory '{}' (MFT record {})", self.file.display_name(), self.file.num)
+        format!(
+            "directory '{}' (MFT record {})",
+            self.file.display_name(),
+            self.file.num
+        )
     }
 
     /// Entries of the index node whose header is at `hdr` in `buf`.
     fn node(&mut self, buf: &[u8], hdr: usize, depth: usize) -> Result<()> {
         if depth > MAX_INDEX_DEPTH {
-            return Err(corrupt(format!("{}: index tree deeper than {MAX_INDEX_DEPTH}", self.what())));
+            return Err(corrupt(format!(
+                "{}: index tree deeper than {MAX_INDEX_DEPTH}",
+                self.what()
+            )));
         }
         let bad = |s: &Self, m: &str| corrupt(format!("{}: index node: {m}", s.what()));
         let entries_off = le32(buf, hdr).ok_or_else(|| bad(self, "header truncated"))? as usize;
         let used = le32(buf, hdr + 4).ok_or_else(|| bad(self, "header truncated"))? as usize;
-        let start = hdr.checked_add(entries_off).ok_or_else(|| bad(self, "bad offset"))?;
-        let end = hdr.checked_add(used).filter(|&e| e <= buf.len() && e >= start).ok_or_else(|| bad(self, "entries outside the node"))?;
+        let start = hdr
+            .checked_add(entries_off)
+            .ok_or_else(|| bad(self, "bad offset"))?;
+        let end = hdr
+            .checked_add(used)
+            .filter(|&e| e <= buf.len() && e >= start)
+            .ok_or_else(|| bad(self, "entries outside the node"))?;
         let mut pos = start;
         loop {
             if pos + 16 > end {
@@ -947,8 +1064,11 @@ impl Walk<'_> {
             let len = le16(buf, pos + 8).unwrap_or(0) as usize;
             let key_len = le16(buf, pos + 10).unwrap_or(0) as usize;
             let flags = le16(buf, pos + 12).unwrap_or(0);
-            if len < 16 || len % 8 != 0 || pos + len > end || key_len > len - 16 {
-                return Err(bad(self, &format!("entry at {pos} has impossible length {len}")));
+            if len < 16 || !len.is_multiple_of(8) || pos + len > end || key_len > len - 16 {
+                return Err(bad(
+                    self,
+                    &format!("entry at {pos} has impossible length {len}"),
+                ));
             }
             let subnode = if flags & 1 != 0 {
                 if len < 24 {
@@ -1007,29 +1127,43 @@ impl Walk<'_> {
 
     fn subnode(&mut self, vcn: u64, depth: usize) -> Result<()> {
         let what = self.what();
-        let alloc = self
-            .file
-            .index_alloc
-            .as_ref()
-            .ok_or_else(|| corrupt(format!("{what}: index entry points to a subnode but there is no $INDEX_ALLOCATION")))?;
+        let alloc = self.file.index_alloc.as_ref().ok_or_else(|| {
+            corrupt(format!(
+                "{what}: index entry points to a subnode but there is no $INDEX_ALLOCATION"
+            ))
+        })?;
         let irs = self.ir_size;
         if !irs.is_power_of_two() || !(512..=65536).contains(&irs) {
             return Err(corrupt(format!("{what}: index record size {irs} invalid")));
         }
         // Index VCNs count clusters when records are at least a cluster, else 512-byte blocks.
-        let unit = if irs >= self.fs.geo.cluster { self.fs.geo.cluster } else { 512 };
+        let unit = if irs >= self.fs.geo.cluster {
+            self.fs.geo.cluster
+        } else {
+            512
+        };
         let off = vcn
             .checked_mul(unit)
             .filter(|o| o.checked_add(irs).is_some_and(|e| e <= alloc.data_size))
-            .ok_or_else(|| corrupt(format!("{what}: index record VCN {vcn} is outside $INDEX_ALLOCATION")))?;
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "{what}: index record VCN {vcn} is outside $INDEX_ALLOCATION"
+                ))
+            })?;
         if !self.visited.insert(off) {
-            return Err(corrupt(format!("{what}: index record at VCN {vcn} is reached twice (index loop)")));
+            return Err(corrupt(format!(
+                "{what}: index record at VCN {vcn} is reached twice (index loop)"
+            )));
         }
         let idx = off / irs;
         if let Some(bm) = &self.file.index_bitmap {
-            let in_use = bm.get((idx / 8) as usize).is_some_and(|b| b & (1 << (idx % 8)) != 0);
+            let in_use = bm
+                .get((idx / 8) as usize)
+                .is_some_and(|b| b & (1 << (idx % 8)) != 0);
             if !in_use {
-                return Err(corrupt(format!("{what}: index entry points to unused index record {idx}")));
+                return Err(corrupt(format!(
+                    "{what}: index entry points to unused index record {idx}"
+                )));
             }
         }
         let mut buf = vec![0u8; irs as usize];
@@ -1038,9 +1172,12 @@ impl Walk<'_> {
         if got != buf.len() {
             return Err(corrupt(format!("{what}: index record {idx} truncated")));
         }
-        apply_fixups(&mut buf, b"INDX").map_err(|e| corrupt(format!("{what}: index record at VCN {vcn}: {e}")))?;
+        apply_fixups(&mut buf, b"INDX")
+            .map_err(|e| corrupt(format!("{what}: index record at VCN {vcn}: {e}")))?;
         if le64(&buf, 0x10) != Some(vcn) {
-            return Err(corrupt(format!("{what}: index record at VCN {vcn} says it is at another VCN")));
+            return Err(corrupt(format!(
+                "{what}: index record at VCN {vcn} says it is at another VCN"
+            )));
         }
         self.node(&buf, 0x18, depth)
     }
@@ -1096,8 +1233,16 @@ impl GuestFs for NtfsFs {
         Ok(Metadata {
             node,
             file_type: f.file_type(),
-            size: if f.is_dir { 0 } else { main.map_or(0, |s| s.data_size) },
-            allocated: if f.is_dir { 0 } else { main.map_or(0, |s| s.allocated()) },
+            size: if f.is_dir {
+                0
+            } else {
+                main.map_or(0, |s| s.data_size)
+            },
+            allocated: if f.is_dir {
+                0
+            } else {
+                main.map_or(0, |s| s.allocated())
+            },
             btime: time(0),
             mtime: time(8),
             ctime: time(0x10),
@@ -1120,7 +1265,13 @@ impl GuestFs for NtfsFs {
         })
     }
 
-    fn read_at(&self, node: NodeId, stream: Option<&str>, buf: &mut [u8], offset: u64) -> Result<usize> {
+    fn read_at(
+        &self,
+        node: NodeId,
+        stream: Option<&str>,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<usize> {
         let f = self.file(node)?;
         let name = stream.unwrap_or("");
         if name.is_empty() {
@@ -1160,7 +1311,10 @@ impl GuestFs for NtfsFs {
             }
         } else {
             f.stream(name).ok_or_else(|| {
-                Error::NotFound(format!("stream '{name}' of '{}' (MFT record {node})", f.display_name()))
+                Error::NotFound(format!(
+                    "stream '{name}' of '{}' (MFT record {node})",
+                    f.display_name()
+                ))
             })?
         };
         self.read_stream(&f, s, buf, offset)
@@ -1168,23 +1322,40 @@ impl GuestFs for NtfsFs {
 
     fn read_link(&self, node: NodeId) -> Result<LinkTarget> {
         let f = self.file(node)?;
-        let raw = f
-            .reparse
-            .as_deref()
-            .ok_or_else(|| Error::InvalidArgument(format!("'{}' (MFT record {node}) is not a link", f.display_name())))?;
-        let r = reparse::parse(raw).map_err(|e| corrupt(format!("MFT record {node} reparse point: {e}")))?;
+        let raw = f.reparse.as_deref().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "'{}' (MFT record {node}) is not a link",
+                f.display_name()
+            ))
+        })?;
+        let r = reparse::parse(raw)
+            .map_err(|e| corrupt(format!("MFT record {node} reparse point: {e}")))?;
         let strip = |s: &str| s.strip_prefix("\\??\\").unwrap_or(s).to_string();
         match r {
-            Reparse::Symlink { substitute, print, relative } => Ok(LinkTarget {
-                target: if print.is_empty() { strip(&substitute) } else { print.clone() },
+            Reparse::Symlink {
+                substitute,
+                print,
+                relative,
+            } => Ok(LinkTarget {
+                target: if print.is_empty() {
+                    strip(&substitute)
+                } else {
+                    print.clone()
+                },
                 detail: Some(format!(
                     "symlink ({}); substitute name: {substitute}; print name: {print}",
                     if relative { "relative" } else { "absolute" }
                 )),
             }),
             Reparse::Junction { substitute, print } => Ok(LinkTarget {
-                target: if print.is_empty() { strip(&substitute) } else { print.clone() },
-                detail: Some(format!("junction; substitute name: {substitute}; print name: {print}")),
+                target: if print.is_empty() {
+                    strip(&substitute)
+                } else {
+                    print.clone()
+                },
+                detail: Some(format!(
+                    "junction; substitute name: {substitute}; print name: {print}"
+                )),
             }),
             _ => Err(Error::InvalidArgument(format!(
                 "'{}' (MFT record {node}) is a reparse point with tag {:#010x}, not a link",
@@ -1198,7 +1369,10 @@ impl GuestFs for NtfsFs {
     fn lookup(&self, path: &str) -> Result<NodeId> {
         let mut node = ROOT;
         let mut depth = 0;
-        for comp in path.split(['/', '\\']).filter(|c| !c.is_empty() && *c != ".") {
+        for comp in path
+            .split(['/', '\\'])
+            .filter(|c| !c.is_empty() && *c != ".")
+        {
             depth += 1;
             if depth > 4096 {
                 return Err(Error::InvalidArgument(format!("path too deep: {path}")));

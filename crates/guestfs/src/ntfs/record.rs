@@ -30,7 +30,11 @@ pub fn apply_fixups(buf: &mut [u8], signature: &[u8; 4]) -> Result<(), String> {
     let usa_ofs = u16::from_le_bytes([buf[4], buf[5]]) as usize;
     let usa_count = u16::from_le_bytes([buf[6], buf[7]]) as usize;
     let blocks = buf.len() / 512;
-    if usa_count != blocks + 1 || usa_ofs + 2 * usa_count > buf.len() || usa_ofs < 8 || usa_ofs % 2 != 0 {
+    if usa_count != blocks + 1
+        || usa_ofs + 2 * usa_count > buf.len()
+        || usa_ofs < 8
+        || !usa_ofs.is_multiple_of(2)
+    {
         return Err(format!(
             "update sequence array (offset {usa_ofs}, {usa_count} entries) does not fit a {}-byte record",
             buf.len()
@@ -136,13 +140,16 @@ pub fn parse_record(buf: &[u8], total_clusters: u64) -> Result<Record, String> {
             break;
         }
         let len = le32(buf, pos + 4).ok_or("attribute header truncated")? as usize;
-        if len < 0x18 || len % 8 != 0 || pos + len > used {
+        if len < 0x18 || !len.is_multiple_of(8) || pos + len > used {
             return Err(format!(
                 "attribute type {ty:#x} at offset {pos} has impossible length {len}"
             ));
         }
         let a = &buf[pos..pos + len];
-        attrs.push(parse_attr(a, total_clusters).map_err(|e| format!("attribute {ty:#x} at offset {pos}: {e}"))?);
+        attrs.push(
+            parse_attr(a, total_clusters)
+                .map_err(|e| format!("attribute {ty:#x} at offset {pos}: {e}"))?,
+        );
         pos += len;
     }
     Ok(Record {
@@ -172,7 +179,9 @@ fn parse_attr(a: &[u8], total_clusters: u64) -> Result<Attr, String> {
         let voff = le16(a, 0x14).unwrap_or(0) as usize;
         let v = a
             .get(voff..voff.checked_add(vlen).ok_or("value length overflows")?)
-            .ok_or_else(|| format!("resident value ({vlen} bytes at {voff}) outside the attribute"))?;
+            .ok_or_else(|| {
+                format!("resident value ({vlen} bytes at {voff}) outside the attribute")
+            })?;
         Body::Resident(v.to_vec())
     } else {
         if a.len() < 0x40 {
@@ -185,15 +194,20 @@ fn parse_attr(a: &[u8], total_clusters: u64) -> Result<Attr, String> {
         let alloc_size = le64(a, 0x28).unwrap_or(0);
         let data_size = le64(a, 0x30).unwrap_or(0);
         let init_size = le64(a, 0x38).unwrap_or(0);
-        let total_alloc = if flags & (ATTR_COMPRESSED | ATTR_SPARSE) != 0 && start_vcn == 0 && rl_off >= 0x48 {
-            le64(a, 0x40)
-        } else {
-            None
-        };
+        let total_alloc =
+            if flags & (ATTR_COMPRESSED | ATTR_SPARSE) != 0 && start_vcn == 0 && rl_off >= 0x48 {
+                le64(a, 0x40)
+            } else {
+                None
+            };
         if compression_unit > 16 {
-            return Err(format!("compression unit 2^{compression_unit} clusters is absurd"));
+            return Err(format!(
+                "compression unit 2^{compression_unit} clusters is absurd"
+            ));
         }
-        let rl = a.get(rl_off..).ok_or("runlist offset outside the attribute")?;
+        let rl = a
+            .get(rl_off..)
+            .ok_or("runlist offset outside the attribute")?;
         if rl_off < 0x40 {
             return Err("runlist offset inside the header".into());
         }
@@ -201,7 +215,9 @@ fn parse_attr(a: &[u8], total_clusters: u64) -> Result<Attr, String> {
         let end_vcn = runs.last().map(|r| r.vcn + r.len).unwrap_or(start_vcn);
         // An empty attribute has last_vcn = -1 (u64::MAX) or a single empty extent.
         let expected_end = last_vcn.wrapping_add(1);
-        if end_vcn != expected_end && !(runs.is_empty() && (last_vcn == u64::MAX || last_vcn < start_vcn)) {
+        if end_vcn != expected_end
+            && !(runs.is_empty() && (last_vcn == u64::MAX || last_vcn < start_vcn))
+        {
             return Err(format!(
                 "runlist covers VCNs {start_vcn}..{end_vcn} but the header says {start_vcn}..={last_vcn}"
             ));
@@ -240,7 +256,9 @@ pub fn parse_attribute_list(b: &[u8]) -> Result<Vec<ListEntry>, String> {
         let ty = le32(b, pos).unwrap_or(0);
         let len = le16(b, pos + 4).unwrap_or(0) as usize;
         if len < 0x1A || pos + len > b.len() {
-            return Err(format!("attribute list entry at {pos} has impossible length {len}"));
+            return Err(format!(
+                "attribute list entry at {pos} has impossible length {len}"
+            ));
         }
         let name_len = b[pos + 6] as usize;
         let name_off = b[pos + 7] as usize;

@@ -22,7 +22,9 @@ pub enum Reparse {
         print: String,
     },
     /// WOF file provider with its algorithm (0 XPRESS4K, 1 LZX, 2 XPRESS8K, 3 XPRESS16K).
-    Wof { algorithm: Option<u32> },
+    Wof {
+        algorithm: Option<u32>,
+    },
     Other(u32),
 }
 
@@ -68,7 +70,11 @@ pub fn parse(data: &[u8]) -> Result<Reparse, String> {
             // WOF header: version, provider (2 = file provider); then the file provider's
             // version and algorithm.
             let provider = le32(body, 4);
-            let algorithm = if provider == Some(2) { le32(body, 12) } else { None };
+            let algorithm = if provider == Some(2) {
+                le32(body, 12)
+            } else {
+                None
+            };
             Ok(Reparse::Wof { algorithm })
         }
         other => Ok(Reparse::Other(other)),

@@ -24,7 +24,9 @@ pub fn decode(data: &[u8], start_vcn: u64, total_clusters: u64) -> Result<Vec<Ru
         let len_bytes = (header & 0x0F) as usize;
         let off_bytes = (header >> 4) as usize;
         if len_bytes == 0 || len_bytes > 8 || off_bytes > 8 {
-            return Err(format!("runlist header byte {header:#04x} at {pos} is invalid"));
+            return Err(format!(
+                "runlist header byte {header:#04x} at {pos} is invalid"
+            ));
         }
         let end = pos + 1 + len_bytes + off_bytes;
         if end > data.len() {
@@ -35,7 +37,9 @@ pub fn decode(data: &[u8], start_vcn: u64, total_clusters: u64) -> Result<Vec<Ru
             len |= (data[pos + 1 + i] as u64) << (8 * i);
         }
         if len == 0 || len > total_clusters {
-            return Err(format!("run of {len} clusters is impossible on a volume of {total_clusters} clusters"));
+            return Err(format!(
+                "run of {len} clusters is impossible on a volume of {total_clusters} clusters"
+            ));
         }
         let run_lcn = if off_bytes == 0 {
             None
@@ -52,14 +56,22 @@ pub fn decode(data: &[u8], start_vcn: u64, total_clusters: u64) -> Result<Vec<Ru
             lcn = lcn
                 .checked_add(delta)
                 .ok_or_else(|| "runlist delta overflows".to_string())?;
-            if lcn < 0 || (lcn as u64).checked_add(len).is_none_or(|e| e > total_clusters) {
+            if lcn < 0
+                || (lcn as u64)
+                    .checked_add(len)
+                    .is_none_or(|e| e > total_clusters)
+            {
                 return Err(format!(
                     "run of {len} clusters at cluster {lcn} lies outside the volume ({total_clusters} clusters)"
                 ));
             }
             Some(lcn as u64)
         };
-        runs.push(Run { vcn, lcn: run_lcn, len });
+        runs.push(Run {
+            vcn,
+            lcn: run_lcn,
+            len,
+        });
         vcn = vcn
             .checked_add(len)
             .ok_or_else(|| "runlist VCN overflows".to_string())?;
@@ -105,9 +117,21 @@ mod tests {
         assert_eq!(
             runs,
             vec![
-                Run { vcn: 0, lcn: Some(0x100), len: 0x10 },
-                Run { vcn: 0x10, lcn: None, len: 8 },
-                Run { vcn: 0x18, lcn: Some(0xE0), len: 4 },
+                Run {
+                    vcn: 0,
+                    lcn: Some(0x100),
+                    len: 0x10
+                },
+                Run {
+                    vcn: 0x10,
+                    lcn: None,
+                    len: 8
+                },
+                Run {
+                    vcn: 0x18,
+                    lcn: Some(0xE0),
+                    len: 4
+                },
             ]
         );
         assert_eq!(find(&runs, 0x17), Some(1));

@@ -148,6 +148,15 @@ def main_image(out):
     b.mkdir("unicodé")
     for name in ["Ünïcödé.txt", "日本語のファイル.txt", "emoji_😀.txt", "Ελληνικά", "mixed CASE Name.TXT"]:
         b.file("unicodé/" + name, name.encode("utf-8") * 3)
+    # A CompactOS (WOF) file as Windows leaves it: reparse tag 0x80000017 (file provider,
+    # XPRESS8K), the compressed bytes in the WofCompressedData stream, a sparse main stream.
+    b.file("wof.exe", b"", stamp=False)
+    with open(b.m("wof.exe") + ":WofCompressedData", "wb") as f:
+        f.write(b"\x00" * 16 + b"not really xpress data")
+    with open(b.m("wof.exe"), "r+b") as f:
+        f.truncate(50_000)
+    set_reparse(b.m("wof.exe"), struct.pack("<IHHIIII", 0x80000017, 16, 0, 1, 2, 1, 2))
+    b.entries["wof.exe"] = {"type": "wof", "size": 50_000, "streams": {}}
     b.file("manystreams.txt", b"base data\n")
     for i in range(120):
         b.stream("manystreams.txt", "stream%03d" % i, (b"stream %d " % i) * (i + 5))

@@ -229,9 +229,10 @@ with open(out, "wb") as o:
 "#;
     let mut args = vec!["-c", SCRIPT, s(out)];
     args.extend(chain.iter().map(|p| s(p)));
-    let out = Command::new("python3").args(&args).output().unwrap_or_else(|e| {
-        panic!("this test needs python3 with pyvhdi (libvhdi-python): {e}")
-    });
+    let out = Command::new("python3")
+        .args(&args)
+        .output()
+        .unwrap_or_else(|e| panic!("this test needs python3 with pyvhdi (libvhdi-python): {e}"));
     assert!(
         out.status.success(),
         "libvhdi could not read {chain:?}: {}",
