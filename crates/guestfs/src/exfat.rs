@@ -623,3 +623,40 @@ impl GuestFs for ExfatFs {
         Ok(self.node(node)?.first_cluster as u64)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_apply_the_utc_offset_in_15_minute_steps() {
+        let date: u32 = (41 << 9) | (3 << 5) | 4; // 2021-03-04
+        let time: u32 = (5 << 11) | (6 << 5) | 4; // 05:06:08
+        let ts = date << 16 | time;
+        let local = 1_614_834_368i128 * 1_000_000_000 + 550_000_000;
+        let hour = 3_600_000_000_000i128;
+        // No valid offset: the stored digits as UTC.
+        assert_eq!(timestamp(ts, 55, 0), Some(local));
+        // UTC+09:00 (36 steps): UTC is nine hours earlier.
+        assert_eq!(timestamp(ts, 55, 0x80 | 36), Some(local - 9 * hour));
+        // UTC-05:30 (-22 steps, 7-bit two's complement 0x6A).
+        assert_eq!(
+            timestamp(ts, 55, 0x80 | 0x6A),
+            Some(local + 5 * hour + hour / 2)
+        );
+    }
+
+    #[test]
+    fn checksums() {
+        // The entry-set checksum skips bytes 2 and 3 (where it is stored).
+        let mut set = [0u8; 64];
+        set[0] = 0x85;
+        set[32] = 0xC0;
+        let c = set_checksum(&set);
+        set[2] = 0xFF;
+        set[3] = 0xEE;
+        assert_eq!(set_checksum(&set), c);
+        set[4] = 1;
+        assert_ne!(set_checksum(&set), c);
+    }
+}

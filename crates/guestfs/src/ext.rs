@@ -40,6 +40,9 @@ const SUPERBLOCK: u64 = 1024;
 /// Directories larger than this are refused (the largest real ones are a few hundred MiB with
 /// `largedir`); it bounds the work a hostile size can cause.
 const MAX_DIR_BYTES: u64 = 1 << 30;
+/// Entries we return from one directory: bounds memory whatever a hostile directory holds
+/// (the largest real directories have a few million entries).
+const MAX_DIR_ENTRIES: usize = 20_000_000;
 const META_CACHE_BLOCKS: usize = 1024;
 const JBD2_MAGIC: u32 = 0xC03B_3998;
 
@@ -822,6 +825,12 @@ impl ExtFs {
             } else {
                 (u16le(block, pos + 6) as usize, 0)
             };
+            if ino != 0 && name_len > 0 && out.len() >= MAX_DIR_ENTRIES {
+                return Err(Error::unsupported(
+                    FS,
+                    format!("directory inode {dir} has more than {MAX_DIR_ENTRIES} entries"),
+                ));
+            }
             if ino != 0 && name_len > 0 {
                 if 8 + name_len > rec_len {
                     return Err(Error::corrupt(

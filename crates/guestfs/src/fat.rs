@@ -556,6 +556,25 @@ impl GuestFs for FatFs {
         )))
     }
 
+    /// Case-insensitive like Windows, beyond ASCII too ("ÜBER.TXT" finds "über.txt").
+    fn lookup(&self, path: &str) -> Result<NodeId> {
+        let mut node = self.root();
+        for comp in path
+            .split(['/', '\\'])
+            .filter(|c| !c.is_empty() && *c != ".")
+        {
+            let entries = self.read_dir(node)?;
+            let want = comp.to_uppercase();
+            let found = entries
+                .iter()
+                .find(|e| e.name == comp)
+                .or_else(|| entries.iter().find(|e| e.name.to_uppercase() == want))
+                .ok_or_else(|| Error::NotFound(path.to_string()))?;
+            node = found.node;
+        }
+        Ok(node)
+    }
+
     fn dir_key(&self, node: NodeId) -> Result<u64> {
         if node == ROOT_NODE {
             return Ok(self.root_cluster as u64);

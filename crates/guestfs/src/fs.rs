@@ -145,3 +145,85 @@ pub fn lookup_path<F: GuestFs + ?Sized>(fs: &F, path: &str) -> Result<NodeId> {
     }
     Ok(node)
 }
+
+/// Deepest directory nesting [`walk`] enters; deeper trees are hostile (or a loop whose keys
+/// differ at every level) and end with an error.
+pub const MAX_WALK_DEPTH: usize = 4096;
+
+/// One entry seen by [`walk`].
+#[derive(Clone, Debug)]
+pub struct WalkEntry {
+    /// Path below the walk's start, components joined by '/' exactly as stored (callers that
+    /// write to a host filesystem must still sanitise each component).
+    pub path: String,
+    pub entry: DirEntry,
+    /// 1 for the start directory's own entries.
+    pub depth: usize,
+    /// A directory whose [`GuestFs::dir_key`] is already on the current path: a loop on a
+    /// damaged volume. Reported, never entered.
+    pub is_loop: bool,
+}
+
+/// Visit every entry below `dir`, depth-first, parents before children, without recursion
+/// (so a deep hostile tree cannot exhaust the stack) and with loop protection. `visit` returns
+/// whether to enter the entry if it is a directory.
+pub fn walk<F: GuestFs + ?Sized>(
+    fs: &F,
+    dir: NodeId,
+    visit: &mut dyn FnMut(&WalkEntry) -> Result<bool>,
+) -> Result<()> {
+    struct Frame {
+        key: u64,
+        prefix: String,
+        entries: std::vec::IntoIter<DirEntry>,
+    }
+    let key = fs.dir_key(dir)?;
+    let mut on_path = std::collections::HashSet::from([key]);
+    let mut stack = vec![Frame {
+        key,
+        prefix: String::new(),
+        entries: fs.read_dir(dir)?.into_iter(),
+    }];
+    while let Some(top) = stack.last_mut() {
+        let Some(entry) = top.entries.next() else {
+            let done = stack.pop().expect("non-empty");
+            on_path.remove(&done.key);
+            continue;
+        };
+        let path = if top.prefix.is_empty() {
+            entry.name.clone()
+        } else {
+            format!("{}/{}", top.prefix, entry.name)
+        };
+        let is_dir = entry.file_type == FileType::Directory;
+        let key = if is_dir {
+            Some(fs.dir_key(entry.node)?)
+        } else {
+            None
+        };
+        let is_loop = key.is_some_and(|k| on_path.contains(&k));
+        let item = WalkEntry {
+            path,
+            entry,
+            depth: stack.len(),
+            is_loop,
+        };
+        let enter = visit(&item)?;
+        if let (Some(k), true, false) = (key, enter, is_loop) {
+            if stack.len() >= MAX_WALK_DEPTH {
+                return Err(crate::Error::corrupt(
+                    "guest",
+                    format!("directories nest deeper than {MAX_WALK_DEPTH} levels at {}", item.path),
+                ));
+            }
+            let entries = fs.read_dir(item.entry.node)?.into_iter();
+            on_path.insert(k);
+            stack.push(Frame {
+                key: k,
+                prefix: item.path,
+                entries,
+            });
+        }
+    }
+    Ok(())
+}

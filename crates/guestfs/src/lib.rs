@@ -9,9 +9,30 @@
 //!   [`volume::MemDisk`] holds a disk in memory for fuzzers and tests.
 //! - [`partition`]: MBR (primary, extended/logical) and GPT (with backup-header fallback), and
 //!   bare filesystems without a table.
-//! - `ntfs`, [`fat`] (FAT12/16/32), [`exfat`], [`ext`] (ext2/3/4): the filesystems.
-//! - [`probe`]: recognise the filesystem in a volume and open it.
+//! - [`ntfs`], [`fat`] (FAT12/16/32), [`exfat`], [`ext`] (ext2/3/4, with in-memory journal
+//!   replay): the filesystems. Each module doc says how its node ids are made.
+//! - [`probe`]: recognise the filesystem in a volume and open it ([`open_fs`]).
+//! - `util` (private): field access, DOS times, the FAT/exFAT cluster-chain walker.
 //! - [`error`] holds the error type.
+//!
+//! Typical use:
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! let disk: Arc<dyn vdisk::VirtualDisk> =
+//!     Arc::from(vdisk::open("vm.vhdx".as_ref(), &vdisk::OpenOptions::default())?);
+//! let table = guestfs::partitions(disk.as_ref())?;
+//! let part = table.get(2).ok_or("no partition 2")?;
+//! let fs = guestfs::open_fs(part.volume(disk.clone())?)?;
+//! let node = fs.lookup("/Windows/System32/drivers/etc/hosts")?;
+//! let mut buf = vec![0u8; fs.metadata(node)?.size as usize];
+//! fs.read_at(node, None, &mut buf, 0)?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Walking a tree: on a damaged volume a directory can contain its own ancestor; keep the
+//! [`fs::GuestFs::dir_key`]s of the directories on the current path and skip repeats.
 
 pub mod error;
 pub mod exfat;

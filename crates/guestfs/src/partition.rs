@@ -138,15 +138,18 @@ pub fn partitions(disk: &dyn VirtualDisk) -> Result<PartitionTable> {
     }
     let mut mbr = [0u8; 512];
     disk.read_at(&mut mbr, 0)?;
-    if looks_like_boot_sector(&mbr) {
-        return Ok(whole(Vec::new()));
-    }
     let has_sig = mbr[510] == 0x55 && mbr[511] == 0xAA;
     let entries: Vec<MbrEntry> = (0..4).map(|i| MbrEntry::parse(&mbr, i)).collect();
     let protective = has_sig && entries.iter().any(|e| e.type_byte == 0xEE);
-    // A GPT header at LBA 1 without a protective MBR is not a GPT disk by the spec, but
-    // tools that wipe the MBR leave exactly that; read it and say so.
-    if protective || gpt_signature_at(disk, ss as u64)? {
+    // Order matters. A GPT header at LBA 1 is decisive (no filesystem keeps "EFI PART" there;
+    // a GPT header without a protective MBR is off-spec, but tools that wipe the MBR leave
+    // exactly that). Then a filesystem boot sector, whose boot code could hold a stray 0xEE
+    // byte where an MBR has its types. Then a protective MBR whose primary header is gone.
+    let primary_sig = gpt_signature_at(disk, ss as u64)?;
+    if !primary_sig && looks_like_boot_sector(&mbr) {
+        return Ok(whole(Vec::new()));
+    }
+    if protective || primary_sig {
         let mut t = read_gpt(disk, ss, size)?;
         if !protective {
             t.warnings.insert(

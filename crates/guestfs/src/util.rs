@@ -360,3 +360,26 @@ pub(crate) fn clamp_read(size: u64, buf: &mut [u8], offset: u64) -> usize {
         ((size - offset).min(buf.len() as u64)) as usize
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dos_datetime_fields_and_invalid_values() {
+        // 2021-03-04 05:06:08 + 1.23 s: date = (41 << 9) | (3 << 5) | 4, time = (5 << 11) | (6 << 5) | 4.
+        let date = (41 << 9) | (3 << 5) | 4;
+        let time = (5 << 11) | (6 << 5) | 4;
+        let secs = 1_614_834_368i128; // `date -u -d '2021-03-04 05:06:08' +%s`
+        assert_eq!(
+            dos_datetime(date, time, 123),
+            Some(secs * 1_000_000_000 + 1_230_000_000)
+        );
+        assert_eq!(dos_datetime(0, time, 0), None);
+        assert_eq!(dos_datetime((41 << 9) | (13 << 5) | 4, 0, 0), None);
+        assert_eq!(dos_datetime(date, 24 << 11, 0), None);
+        assert_eq!(dos_datetime(date, time, 200), None);
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11017);
+    }
+}

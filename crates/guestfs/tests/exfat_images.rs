@@ -205,6 +205,47 @@ fn check_damage(base: &[u8], good: &dyn GuestFs) {
     let err = guestfs::open_fs(Volume::from_bytes(img)).err().unwrap();
     assert!(err.to_string().contains("boot region checksum"), "{err}");
 
+    // big.bin is contiguous on this fresh volume. Read it both ways: as a NoFatChain extent
+    // with its FAT entries wiped, and as a FAT chain with the NoFatChain flag cleared.
+    let big = find_set(base, "big.bin");
+    let bps = 1usize << base[108];
+    let fat = u32::from_le_bytes(base[80..84].try_into().unwrap()) as usize * bps;
+    let first = u32::from_le_bytes(base[big + 52..big + 56].try_into().unwrap()) as usize;
+    let clusters = (3usize << 20).div_ceil(bps << base[109]);
+    let set_fat = |img: &mut Vec<u8>, c: usize, v: u32| {
+        img[fat + c * 4..fat + c * 4 + 4].copy_from_slice(&v.to_le_bytes())
+    };
+    let mut no_chain = base.to_vec();
+    let mut chained = base.to_vec();
+    for k in 0..clusters {
+        set_fat(&mut no_chain, first + k, 0);
+        let next = if k + 1 == clusters {
+            u32::MAX
+        } else {
+            (first + k + 1) as u32
+        };
+        set_fat(&mut chained, first + k, next);
+    }
+    no_chain[big + 33] |= 0x02;
+    fix_checksum(&mut no_chain, big);
+    chained[big + 33] &= !0x02;
+    fix_checksum(&mut chained, big);
+    for img in [no_chain, chained.clone()] {
+        let fs = guestfs::open_fs(Volume::from_bytes(img)).unwrap();
+        let n = fs.lookup("/big.bin").unwrap();
+        assert_eq!(
+            read_all(fs.as_ref(), n, 3 << 20).unwrap(),
+            pattern(3 << 20, 1)
+        );
+    }
+    // The FAT chain looping back (second cluster -> first): an error, not repeated bytes.
+    let mut looped = chained;
+    set_fat(&mut looped, first + 1, first as u32);
+    let fs = guestfs::open_fs(Volume::from_bytes(looped)).unwrap();
+    let n = fs.lookup("/big.bin").unwrap();
+    let err = read_all(fs.as_ref(), n, 3 << 20).unwrap_err();
+    assert!(err.to_string().contains("loops back"), "{err}");
+
     // Noise: errors, no panic, no hang.
     for seed in 0..30u64 {
         let mut img = base[..8 << 20].to_vec();

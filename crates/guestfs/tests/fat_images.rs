@@ -129,6 +129,10 @@ fn fat12_fat16_fat32_match_source_and_sleuthkit() {
             fs.lookup("/nope"),
             Err(guestfs::Error::NotFound(_))
         ));
+        let n = fs
+            .lookup("\\DOCS\\ÜBERLÄNGE DATEINAME MIT VIELEN ZEICHEN.TXT")
+            .unwrap();
+        assert_eq!(fs.metadata(n).unwrap().size, 7);
     }
 }
 

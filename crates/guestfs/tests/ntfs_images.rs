@@ -22,6 +22,20 @@ fn ntfs_main_image_matches_source_and_sleuthkit() {
     assert_eq!(fs.label().as_deref(), Some("HKMAIN"));
     check_against_manifest(&fs, &m);
     check_against_sleuthkit(&fs, &img, 0);
+    check_against_pyfsntfs(
+        &fs,
+        &img,
+        &[
+            "wof/text8k.txt",
+            "wof/mixed4k.bin",
+            "wof/text16k.txt",
+            "comp/text.txt",
+            "comp/mixed.bin",
+            "comp/sparse_comp.bin",
+            "sparse.bin",
+            "large.bin",
+        ],
+    );
 
     // Metadata files are hidden from the root listing but reachable by name.
     let names: Vec<String> = fs

@@ -225,6 +225,25 @@ fn gpt_disk_with_fat32_and_ext4_raw_and_vhdx_and_backup_header() {
         "{:?}",
         t.warnings
     );
+    // An entry reaching past the disk's end (CRCs made valid): skipped, with a warning.
+    let mut bad4 = bytes.clone();
+    let e2 = 1024 + 128; // second entry of the array at LBA 2
+    bad4[e2 + 40..e2 + 48].copy_from_slice(&u64::MAX.to_le_bytes());
+    let array_len = 128 * 128;
+    let acrc = crc32(&bad4[1024..1024 + array_len]);
+    bad4[512 + 88..512 + 92].copy_from_slice(&acrc.to_le_bytes());
+    bad4[512 + 16..512 + 20].fill(0);
+    let hcrc = crc32(&bad4[512..512 + 92]);
+    bad4[512 + 16..512 + 20].copy_from_slice(&hcrc.to_le_bytes());
+    let t = partitions(&MemDisk::new(bad4, 512)).unwrap();
+    assert_eq!(t.partitions, want[..1]);
+    assert!(
+        t.warnings
+            .iter()
+            .any(|w| w.contains("does not fit the disk")),
+        "{:?}",
+        t.warnings
+    );
     // Both headers damaged: a clear error.
     let n = bad.len();
     bad[n - 512 + 30] ^= 0xFF;
@@ -393,5 +412,107 @@ fn bare_disk_and_tiny_disks() {
     for n in [0usize, 1, 511, 512, 1023] {
         let _ = partitions(&MemDisk::new(vec![0x55; n], 512));
         let _ = guestfs::open_fs(guestfs::volume::Volume::from_bytes(vec![0xAA; n]));
+    }
+}
+
+/// A 4Kn disk (4096-byte logical sectors, as Hyper-V can create): GPT in 4 KiB LBAs, written
+/// here by hand, with a FAT volume that itself uses 4096-byte sectors.
+#[test]
+fn gpt_on_4k_sectors_with_a_4k_sector_fat() {
+    const SS: usize = 4096;
+    let sectors = 16384usize; // 64 MiB
+    let mut d = vec![0u8; SS * sectors];
+    // Protective MBR.
+    d[446 + 4] = 0xEE;
+    d[446 + 8..446 + 12].copy_from_slice(&1u32.to_le_bytes());
+    d[446 + 12..446 + 16].copy_from_slice(&((sectors - 1) as u32).to_le_bytes());
+    d[510] = 0x55;
+    d[511] = 0xAA;
+    // One entry: Microsoft basic data at LBA 256..=2303 (1 MiB, 8 MiB long).
+    let mut entries = vec![0u8; 128 * 128];
+    let basic: [u8; 16] = [
+        0xA2, 0xA0, 0xD0, 0xEB, 0xE5, 0xB9, 0x33, 0x44, 0x87, 0xC0, 0x68, 0xB6, 0xB7, 0x26, 0x99,
+        0xC7,
+    ];
+    entries[0..16].copy_from_slice(&basic);
+    entries[16..32].copy_from_slice(&[7u8; 16]);
+    entries[32..40].copy_from_slice(&256u64.to_le_bytes());
+    entries[40..48].copy_from_slice(&2303u64.to_le_bytes());
+    for (i, u) in "four k".encode_utf16().enumerate() {
+        entries[56 + 2 * i..58 + 2 * i].copy_from_slice(&u.to_le_bytes());
+    }
+    let ecrc = crc32(&entries);
+    let header = |my: u64, alt: u64, elba: u64| {
+        let mut h = vec![0u8; 92];
+        h[0..8].copy_from_slice(b"EFI PART");
+        h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes());
+        h[12..16].copy_from_slice(&92u32.to_le_bytes());
+        h[24..32].copy_from_slice(&my.to_le_bytes());
+        h[32..40].copy_from_slice(&alt.to_le_bytes());
+        h[40..48].copy_from_slice(&6u64.to_le_bytes());
+        h[48..56].copy_from_slice(&((sectors - 6) as u64).to_le_bytes());
+        h[56..72].copy_from_slice(&[9u8; 16]);
+        h[72..80].copy_from_slice(&elba.to_le_bytes());
+        h[80..84].copy_from_slice(&128u32.to_le_bytes());
+        h[84..88].copy_from_slice(&128u32.to_le_bytes());
+        h[88..92].copy_from_slice(&ecrc.to_le_bytes());
+        let c = crc32(&h);
+        h[16..20].copy_from_slice(&c.to_le_bytes());
+        h
+    };
+    let last = (sectors - 1) as u64;
+    d[SS..SS + 92].copy_from_slice(&header(1, last, 2));
+    d[2 * SS..2 * SS + entries.len()].copy_from_slice(&entries);
+    let belba = last - 4;
+    d[belba as usize * SS..belba as usize * SS + entries.len()].copy_from_slice(&entries);
+    d[last as usize * SS..last as usize * SS + 92].copy_from_slice(&header(last, 1, belba));
+
+    // A FAT volume with 4096-byte sectors in the partition.
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("fat4k.img");
+    run(
+        Command::new("truncate").args(["-s", "8M"]).arg(&img),
+        "coreutils",
+    );
+    run(
+        Command::new("mkfs.fat")
+            .args(["-S", "4096", "-n", "FOURK"])
+            .arg(&img),
+        "dosfstools",
+    );
+    let payload = tmp.path().join("p.bin");
+    std::fs::write(&payload, pattern(100_000, 4)).unwrap();
+    run(
+        Command::new("mcopy")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .arg("-i")
+            .arg(&img)
+            .arg(&payload)
+            .arg("::/p.bin"),
+        "mtools",
+    );
+    let fat = std::fs::read(&img).unwrap();
+    d[256 * SS..256 * SS + fat.len()].copy_from_slice(&fat);
+
+    for damaged in [false, true] {
+        let mut bytes = d.clone();
+        if damaged {
+            bytes[SS + 40] ^= 1;
+        }
+        let disk: Arc<dyn vdisk::VirtualDisk> = Arc::new(MemDisk::new(bytes, SS as u32));
+        let t = partitions(disk.as_ref()).unwrap();
+        assert_eq!(t.kind, TableKind::Gpt);
+        assert_eq!(t.sector_size, 4096);
+        assert_eq!(t.warnings.is_empty(), !damaged, "{:?}", t.warnings);
+        let p = t.get(1).unwrap();
+        assert_eq!((p.start, p.length), (MIB, 8 * MIB));
+        assert_eq!(p.name.as_deref(), Some("four k"));
+        let fs = guestfs::open_fs(p.volume(disk.clone()).unwrap()).unwrap();
+        assert_eq!(fs.label().as_deref(), Some("FOURK"));
+        let n = fs.lookup("/P.BIN").unwrap();
+        assert_eq!(
+            read_all(fs.as_ref(), n, 100_000).unwrap(),
+            pattern(100_000, 4)
+        );
     }
 }

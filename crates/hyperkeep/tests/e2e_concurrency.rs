@@ -69,23 +69,26 @@ fn prune_beside_a_backup_loses_nothing() {
     let env = Env::new();
     env.init();
     let mut rng = Rng::from_env("prune_beside_backup");
-    let mut vm = SourceVm::create(env.path(), "vmp", 128 * MIB, 32 * MIB, rng.next_u64());
+    let mut vm = SourceVm::create(env.path(), "vmp", 64 * MIB, 12 * MIB, rng.next_u64());
     let mut known: BTreeMap<String, Expected> = BTreeMap::new();
+    known.insert(env.backup(&vm), vm.expected());
+    // The kind of backup that runs beside the prunes below: a quarter of the data new.
+    vm.mutate(3 * MIB);
     let (id, took) = timed(|| env.backup(&vm));
     known.insert(id, vm.expected());
-    eprintln!("backup takes {took:?}");
+    eprintln!("an incremental backup takes {took:?}");
 
     for round in 0..6 {
         // Old snapshots to forget, so that prune has packs to delete and to repack.
         for _ in 0..2 {
-            vm.mutate(12 * MIB);
+            vm.mutate(3 * MIB);
             known.insert(env.backup(&vm), vm.expected());
         }
         env.ok(&["forget", "--keep-last", "2"]);
         let ids = env.snapshot_ids();
         known.retain(|id, _| ids.contains(id));
 
-        vm.mutate(12 * MIB);
+        vm.mutate(3 * MIB);
         let want = vm.expected();
         let bargs = args_of(&vm);
         let bargs: Vec<&str> = bargs.iter().map(|s| s.as_str()).collect();

@@ -352,6 +352,12 @@ struct Blob {
     sealed: Vec<u8>,
 }
 
+/// A worker's zstd context and output buffer, reused for every chunk.
+struct WorkerZstd {
+    ctx: zstd::bulk::Compressor<'static>,
+    out: Vec<u8>,
+}
+
 /// Shared state of one run.
 struct Run<'a> {
     repo: &'a Repository,
@@ -383,7 +389,7 @@ impl Run<'_> {
         &self,
         raw: &[u8],
         kind: BlobKind,
-        compressor: Option<&mut zstd::bulk::Compressor<'static>>,
+        compressor: Option<&mut WorkerZstd>,
     ) -> (Id, Option<Blob>) {
         let key = self.repo.key();
         let id = key.chunk_id(raw);
@@ -398,11 +404,13 @@ impl Run<'_> {
         {
             return (id, None);
         }
-        // A worker's own compressor keeps its zstd context across chunks (creating one per
-        // chunk costs allocations comparable to compressing a chunk at level 1).
-        let (compressed, sealed) = match compressor.map(|c| c.compress(raw)) {
-            Some(Ok(c)) if c.len() < raw.len() => (true, key.seal(&c)),
-            Some(_) => (false, key.seal(raw)),
+        // A worker's own compressor keeps its zstd context and output buffer across chunks
+        // (creating them per chunk costs allocations comparable to compressing at level 1).
+        let (compressed, sealed) = match compressor {
+            Some(z) => match z.ctx.compress_to_buffer(raw, &mut z.out) {
+                Ok(n) if n < raw.len() => (true, key.seal(&z.out[..n])),
+                _ => (false, key.seal(raw)),
+            },
             None => pack::seal_blob(key, self.level, raw),
         };
         let blob = Blob {
@@ -460,18 +468,6 @@ fn packer(run: &Run<'_>, rx: Receiver<Blob>) -> Result<Packed> {
                 // A failed run writes nothing more; keep draining so no worker blocks.
                 continue;
             }
-            // Finish the pack *before* it would outgrow pack_size (with its trailer): the
-            // writer reserved exactly that much, and growing a 32 MiB buffer copies it.
-            let projected = writer.size()
-                + blob.sealed.len() as u64
-                + (writer.len() as u64 + 1) * pack::TRAILER_ENTRY_LEN as u64
-                + 4096;
-            if writer.size() >= pack_size {
-                let full = std::mem::replace(&mut writer, PackWriter::new(pack_size));
-                if up_tx.send(full).is_err() {
-                    break;
-                }
-            }
             writer.add(
                 BlobEntry {
                     id: blob.id,
@@ -483,6 +479,12 @@ fn packer(run: &Run<'_>, rx: Receiver<Blob>) -> Result<Packed> {
                 },
                 blob.sealed,
             );
+            if writer.is_full() {
+                let full = std::mem::replace(&mut writer, PackWriter::new(pack_size));
+                if up_tx.send(full).is_err() {
+                    break;
+                }
+            }
         }
         if !run.abort.load(Ordering::SeqCst) && !writer.is_empty() {
             let _ = up_tx.send(writer);
@@ -556,6 +558,10 @@ pub fn backup(
         return Err(Error::corrupt("config", "chunk size 0"));
     }
 
+    // Shared: other backups may run at once, prune may not (it could delete the packs this run
+    // deduplicates against, or the parent this run copies entries from).
+    let _lock = repo.lock_shared("backup")?;
+
     let mut sources = Vec::with_capacity(opts.paths.len());
     let mut names = HashSet::new();
     for p in &opts.paths {
@@ -617,9 +623,6 @@ pub fn backup(
         }
     };
 
-    // Shared: other backups may run at once, prune may not (it could delete packs this run
-    // deduplicates against).
-    let _lock = repo.lock_shared("backup")?;
     let index = repo.load_index()?;
 
     // Plan every source.
@@ -655,9 +658,41 @@ pub fn backup(
                     }
                     _ => None,
                 };
+                // Entries copied from the parent must point at data the index still has;
+                // otherwise the new snapshot would silently inherit a loss.
+                let incremental = match incremental {
+                    Some((pid, pdisk, ranges)) => match load_table(repo, &index, pdisk) {
+                        Err(e @ (Error::Missing(_) | Error::Corrupt { .. })) => {
+                            tracing::warn!(
+                                "the chunk table of disk {} in the parent snapshot {} cannot be                                  read ({e}); reading every allocated chunk instead of the                                  change list",
+                                src.name,
+                                snapshot::short_id(pid)
+                            );
+                            None
+                        }
+                        Err(e) => return Err(e),
+                        Ok(table) => {
+                            let missing = table
+                                .iter()
+                                .filter(|id| !id.is_zero() && !index.contains(id))
+                                .count();
+                            if missing > 0 {
+                                tracing::warn!(
+                                "the parent snapshot {} of disk {} refers to {missing} chunks                                  the repository no longer has (run `hyperkeep check`); reading                                  every allocated chunk instead of the change list",
+                                snapshot::short_id(pid),
+                                src.name
+                            );
+                                None
+                            } else {
+                                Some((pid, table, ranges))
+                            }
+                        }
+                    },
+                    None => None,
+                };
                 match incremental {
-                    Some((pid, pdisk, ranges)) => {
-                        plan.table = load_table(repo, &index, pdisk)?;
+                    Some((pid, table, ranges)) => {
+                        plan.table = table;
                         plan.parent = Some(pid.to_string());
                         for (a, b) in touched_chunks(ranges, chunk_size, count) {
                             for c in a..b {
@@ -875,7 +910,12 @@ fn worker(
 ) -> Vec<(usize, u64, Id)> {
     let mut results = Vec::new();
     let mut buf = vec![0u8; chunk_size as usize];
-    let mut compressor = zstd::bulk::Compressor::new(run.level).ok();
+    let mut compressor = zstd::bulk::Compressor::new(run.level)
+        .ok()
+        .map(|ctx| WorkerZstd {
+            ctx,
+            out: Vec::with_capacity(zstd::zstd_safe::compress_bound(chunk_size as usize)),
+        });
     loop {
         if run.abort.load(Ordering::Relaxed) {
             break;

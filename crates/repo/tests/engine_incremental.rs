@@ -173,3 +173,36 @@ fn change_list_without_a_usable_parent_reads_everything() {
     let e = backup(&repo, &o, &NoProgress).unwrap_err().to_string();
     assert!(e.contains("one disk"), "{e}");
 }
+
+#[test]
+fn parent_with_lost_chunks_is_not_trusted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("disk.img");
+    hk_disk(&img, DiskFormat::Raw, 8 * MIB, None, &[(0x21, 0, 8 * MIB)]);
+    let repo = new_repo(tmp.path());
+    backup(&repo, &opts("vm", &[&img]), &NoProgress).unwrap();
+    // The index files vanish (the packs stay): the parent's chunks are unknown.
+    for o in repo
+        .backend()
+        .list(repo::backend::ObjectKind::Index)
+        .unwrap()
+    {
+        repo.backend()
+            .delete(repo::backend::ObjectKind::Index, &o.name)
+            .unwrap();
+    }
+    let mut o = opts("vm", &[&img]);
+    o.changed_ranges = Some(vec![(0, 1)]);
+    let (id, s) = backup(&repo, &o, &NoProgress).unwrap();
+    assert_eq!(
+        s.summary.bytes_read,
+        8 * MIB,
+        "a full read, not the change list"
+    );
+    assert_eq!(s.summary.chunks_new, 8);
+    let r = restore(&repo, &id, &s, &tmp.path().join("r"), None, &NoProgress).unwrap();
+    assert_eq!(
+        std::fs::read(&r.disks[0].path).unwrap(),
+        std::fs::read(&img).unwrap()
+    );
+}

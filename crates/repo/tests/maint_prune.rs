@@ -301,14 +301,14 @@ fn prune_refuses_when_a_snapshot_is_unreadable() {
 fn prune_interrupted_at_every_step_loses_nothing() {
     let tmp = TempDir::new().unwrap();
     // A small disk: this runs the whole cycle once per step.
-    let (repo, expected) = repo_with_history_sized(tmp.path(), 4, 2 << 20);
-    forget_ids(
-        &repo,
-        &[expected[0].id.clone(), expected[2].id.clone()],
-        false,
-    )
-    .unwrap();
-    let survivors = [expected[1].clone(), expected[3].clone()];
+    let (repo, expected) = repo_with_history_sized(tmp.path(), 3, 2 << 20);
+    // A VM whose data nothing else shares, then forgotten: its packs become wholly unused,
+    // while forgetting the web VM's first snapshot leaves packs partly used (repacked).
+    let mut scratch = Vm::with_size(&tmp.path().join("scratch"), "scratch", 1 << 20);
+    scratch.change(555, 0, 512 << 10);
+    let (scratch_id, _) = scratch.backup(&repo);
+    forget_ids(&repo, &[expected[0].id.clone(), scratch_id], false).unwrap();
+    let survivors = [expected[1].clone(), expected[2].clone()];
     drop(repo);
     let pristine = tmp.path().join("repo");
 
@@ -406,4 +406,81 @@ fn prune_interrupted_at_every_step_loses_nothing() {
         assert_restores(&repo, &Expected::of(&vm, &id), tmp.path());
         std::fs::remove_dir_all(&dir).unwrap();
     }
+}
+
+/// Backups and forget+prune hammering one repository from two threads: whichever gets the
+/// lock first runs, the other is told `Locked` (and retries); nothing is ever lost.
+#[test]
+fn prune_beside_running_backups_loses_nothing() {
+    let tmp = TempDir::new().unwrap();
+    let (repo, first) = repo_with_history(tmp.path(), 1);
+    let repo = std::sync::Arc::new(repo);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (made, prunes) = std::thread::scope(|scope| {
+        let backups = scope.spawn(|| {
+            let mut vm = Vm::new(&tmp.path().join("vm"), "web");
+            vm.disk.clone_from(&first[0].disk);
+            let mut made = Vec::new();
+            for i in 0..4u64 {
+                vm.change(500 + i, ((i as usize) * 700) << 10, 512 << 10);
+                loop {
+                    let opts = repo::backup::BackupOptions {
+                        vm: "web".into(),
+                        paths: vec![vm.dir.join("disk.raw"), vm.dir.join("vm.vmcx")],
+                        threads: 2,
+                        ..Default::default()
+                    };
+                    match repo::backup::backup(&repo, &opts, &repo::backup::NoProgress) {
+                        Ok((id, _)) => {
+                            made.push(Expected::of(&vm, &id));
+                            break;
+                        }
+                        Err(Error::Locked(_)) => std::thread::sleep(Duration::from_millis(20)),
+                        Err(e) => panic!("backup failed: {e}"),
+                    }
+                }
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            made
+        });
+        let pruner = scope.spawn(|| {
+            let mut ran = 0;
+            let policy = KeepPolicy {
+                last: Some(2),
+                ..Default::default()
+            };
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                match forget(&repo, &policy, false, None) {
+                    Ok(_) | Err(Error::Locked(_)) => {}
+                    Err(e) => panic!("forget failed: {e}"),
+                }
+                match prune(&repo, &PruneOptions::default()) {
+                    Ok(_) => ran += 1,
+                    Err(Error::Locked(_)) => {}
+                    Err(e) => panic!("prune failed: {e}"),
+                }
+            }
+            ran
+        });
+        (backups.join().unwrap(), pruner.join().unwrap())
+    });
+    assert_eq!(made.len(), 4);
+    eprintln!("{prunes} prunes ran between the backups");
+    // Everything still in the repository restores exactly; the newest two always survive.
+    let left: HashSet<String> = snapshot::list_snapshots(&repo)
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    for e in first.iter().chain(&made) {
+        if left.contains(&e.id) {
+            assert_restores(&repo, e, tmp.path());
+        }
+    }
+    assert!(left.contains(&made[3].id) && left.contains(&made[2].id));
+    prune(&repo, &PruneOptions::default()).unwrap();
+    for e in &made[2..] {
+        assert_restores(&repo, e, tmp.path());
+    }
+    assert_clean(&repo);
 }

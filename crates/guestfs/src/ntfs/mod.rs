@@ -12,6 +12,7 @@
 //! - `record`: update-sequence fixups, file records, attributes, attribute lists.
 //! - `runlist`: mapping pairs, bounds and overlap checks.
 //! - `lznt1`: decompression of compressed files.
+//! - `xpress`: XPRESS Huffman, for WOF/CompactOS files (XPRESS4K/8K/16K; LZX is refused).
 //! - `reparse`: symlinks, junctions, WOF.
 //! - this file: [`NtfsFs`] (files with their extension records, streams, the `$I30` B+ tree,
 //!   `$UpCase` lookups, caches) implementing [`GuestFs`].
@@ -22,10 +23,13 @@
 //! naming the record; unsupported encodings (EFS, WOF, deduplication) are `Error::Unsupported`.
 
 mod boot;
+mod data;
+mod index;
 mod lznt1;
 mod record;
 mod reparse;
 mod runlist;
+mod xpress;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -52,30 +56,37 @@ const VOLUME_RECORD: u64 = 3;
 const FIRST_USER_RECORD: u64 = 24;
 /// Limits on things a hostile header could make us loop over or allocate.
 const MAX_EXTENSION_RECORDS: usize = 4096;
-const MAX_METADATA_STREAM: u64 = 64 * 1024 * 1024;
+const MAX_METADATA_STREAM: u64 = 16 * 1024 * 1024;
 const MAX_INDEX_DEPTH: usize = 64;
 const MAX_COMPRESSION_UNIT: u64 = 1024 * 1024;
 const FILE_CACHE: usize = 4096;
+const FILE_CACHE_BYTES: usize = 64 * 1024 * 1024;
 const UNIT_CACHE: usize = 32;
+const UNIT_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// Windows FILETIME (100 ns since 1601) to ns since the Unix epoch.
 fn filetime(ft: u64) -> i128 {
     (ft as i128 - 116_444_736_000_000_000) * 100
 }
 
-/// A small least-recently-used map behind the filesystem's mutexes.
+/// A small least-recently-used map behind the filesystem's mutexes, bounded both in entries and
+/// in approximate bytes (a hostile volume can make single entries large).
 struct Lru<K, V> {
-    map: HashMap<K, (V, u64)>,
+    map: HashMap<K, (V, u64, usize)>,
     tick: u64,
     cap: usize,
+    max_bytes: usize,
+    bytes: usize,
 }
 
 impl<K: std::hash::Hash + Eq + Clone, V: Clone> Lru<K, V> {
-    fn new(cap: usize) -> Self {
+    fn new(cap: usize, max_bytes: usize) -> Self {
         Lru {
             map: HashMap::new(),
             tick: 0,
             cap,
+            max_bytes,
+            bytes: 0,
         }
     }
     fn get(&mut self, k: &K) -> Option<V> {
@@ -86,16 +97,27 @@ impl<K: std::hash::Hash + Eq + Clone, V: Clone> Lru<K, V> {
             e.0.clone()
         })
     }
-    fn insert(&mut self, k: K, v: V) {
-        if self.map.len() >= self.cap && !self.map.contains_key(&k) {
+    fn insert(&mut self, k: K, v: V, weight: usize) {
+        if weight > self.max_bytes / 4 {
+            // Too big to be worth keeping: callers re-read it.
+            return;
+        }
+        if let Some(old) = self.map.remove(&k) {
+            self.bytes -= old.2;
+        }
+        while !self.map.is_empty()
+            && (self.map.len() >= self.cap || self.bytes + weight > self.max_bytes)
+        {
             // Drop the older half at once so eviction stays cheap on average.
             let mut ticks: Vec<u64> = self.map.values().map(|e| e.1).collect();
             ticks.sort_unstable();
             let cut = ticks[ticks.len() / 2];
             self.map.retain(|_, e| e.1 > cut);
+            self.bytes = self.map.values().map(|e| e.2).sum();
         }
         self.tick += 1;
-        self.map.insert(k, (v, self.tick));
+        self.bytes += weight;
+        self.map.insert(k, (v, self.tick, weight));
     }
 }
 
@@ -148,6 +170,20 @@ struct File {
 }
 
 impl File {
+    /// Approximate memory held, for the cache's byte bound.
+    fn weight(&self) -> usize {
+        let stream = |s: &Stream| {
+            s.resident.as_ref().map_or(0, |r| r.len())
+                + s.runs.len() * std::mem::size_of::<Run>()
+                + 64
+        };
+        256 + self.data.iter().map(stream).sum::<usize>()
+            + self.index_alloc.as_ref().map_or(0, stream)
+            + self.index_root.as_ref().map_or(0, |r| r.len())
+            + self.index_bitmap.as_ref().map_or(0, |r| r.len())
+            + self.reparse.as_ref().map_or(0, |r| r.len())
+            + self.names.iter().map(|n| n.name.len() + 32).sum::<usize>()
+    }
     fn display_name(&self) -> String {
         self.names
             .iter()
@@ -174,36 +210,6 @@ impl File {
                 .iter()
                 .find(|s| s.name.to_uppercase() == name.to_uppercase())
         })
-    }
-}
-
-/// An entry of a directory index.
-#[derive(Clone, Debug)]
-struct IndexEntry {
-    node: u64,
-    seq: u16,
-    name: String,
-    lossy: bool,
-    namespace: u8,
-    flags: u32,
-    reparse_tag: u32,
-}
-
-impl IndexEntry {
-    fn file_type(&self) -> FileType {
-        if self.flags & 0x400 != 0 {
-            match self.reparse_tag {
-                reparse::TAG_SYMLINK => return FileType::Symlink,
-                reparse::TAG_MOUNT_POINT => return FileType::Junction,
-                t if t & reparse::NAME_SURROGATE != 0 => return FileType::Other,
-                _ => {}
-            }
-        }
-        if self.flags & 0x1000_0000 != 0 {
-            FileType::Directory
-        } else {
-            FileType::File
-        }
     }
 }
 
@@ -443,8 +449,8 @@ impl NtfsFs {
             mft,
             label: None,
             upcase: OnceLock::new(),
-            files: Mutex::new(Lru::new(FILE_CACHE)),
-            units: Mutex::new(Lru::new(UNIT_CACHE)),
+            files: Mutex::new(Lru::new(FILE_CACHE, FILE_CACHE_BYTES)),
+            units: Mutex::new(Lru::new(UNIT_CACHE, UNIT_CACHE_BYTES)),
         };
         // The root must be readable for the filesystem to be of any use; say so now.
         let root = fs.file(ROOT)?;
@@ -560,7 +566,7 @@ impl NtfsFs {
         self.files
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(n, f.clone());
+            .insert(n, f.clone(), f.weight());
         Ok(f)
     }
 
@@ -685,502 +691,6 @@ impl NtfsFs {
         Ok(file)
     }
 
-    fn upcase(&self) -> Option<&Vec<u16>> {
-        self.upcase
-            .get_or_init(|| {
-                let f = self.file(UPCASE_RECORD).ok()?;
-                let s = f.stream("")?;
-                if s.data_size != 131072 {
-                    return None;
-                }
-                let bytes = self.geo.read_all(&|| "$UpCase".to_string(), s).ok()?;
-                Some(
-                    bytes
-                        .chunks_exact(2)
-                        .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                        .collect(),
-                )
-            })
-            .as_ref()
-    }
-
-    /// One UTF-16 unit upcased the way NTFS collates names: through `$UpCase`, or a simple
-    /// uppercase if the table is missing or damaged.
-    fn upcase_unit(&self, u: u16) -> u16 {
-        match self.upcase() {
-            Some(t) => t[u as usize],
-            None => char::from_u32(u as u32)
-                .map(|c| {
-                    let mut it = c.to_uppercase();
-                    match (it.next(), it.next()) {
-                        (Some(x), None) if (x as u32) < 0x10000 => x as u16,
-                        _ => u,
-                    }
-                })
-                .unwrap_or(u),
-        }
-    }
-
-    fn upcased(&self, s: &str) -> Vec<u16> {
-        s.encode_utf16().map(|u| self.upcase_unit(u)).collect()
-    }
-
-    /// Find `name` in directory `dir` by descending its `$I30` B+ tree in collation order
-    /// (upcased UTF-16). An exact-case match wins over a case-insensitive one.
-    fn find_entry(&self, dir: u64, name: &str) -> Result<Option<IndexEntry>> {
-        let f = self.file(dir)?;
-        if !f.is_dir {
-            return Err(Error::NotADirectory(format!(
-                "MFT record {dir} ({})",
-                f.display_name()
-            )));
-        }
-        let root = f
-            .index_root
-            .as_ref()
-            .ok_or_else(|| corrupt(format!("directory record {dir} has no $I30 index root")))?;
-        let mut out = Vec::new();
-        let mut walk = Walk {
-            fs: self,
-            file: &f,
-            ir_size: self.index_record_size(root),
-            visited: HashSet::new(),
-            out: &mut out,
-            search: Some(self.upcased(name)),
-        };
-        walk.node(root, 0x10, 0)?;
-        let found = match out.into_iter().next() {
-            Some(e) if e.name == name => Some(e),
-            // Names differing only in case (POSIX namespace) may sit elsewhere in the tree: scan.
-            Some(e) => {
-                let all = self.index_entries(dir)?;
-                all.iter().find(|x| x.name == name).cloned().or(Some(e))
-            }
-            None => None,
-        };
-        if let Some(e) = &found {
-            if e.node == dir && dir != ROOT {
-                return Err(corrupt(format!(
-                    "directory record {dir} lists itself as '{}' (directory loop)",
-                    e.name
-                )));
-            }
-            if e.node == ROOT && dir == ROOT {
-                return Ok(None);
-            }
-        }
-        Ok(found)
-    }
-
-    fn index_record_size(&self, root: &[u8]) -> u64 {
-        // The index root states its record size; the boot sector's value is the volume default.
-        match le32(root, 8).unwrap_or(0) as u64 {
-            0 => self.boot.index_record_size as u64,
-            n => n,
-        }
-    }
-
-    /// All entries of directory `dir` (metadata files included, DOS-only names and "." skipped),
-    /// in index order.
-    fn index_entries(&self, dir: u64) -> Result<Vec<IndexEntry>> {
-        let f = self.file(dir)?;
-        if !f.is_dir {
-            return Err(Error::NotADirectory(format!(
-                "MFT record {dir} ({})",
-                f.display_name()
-            )));
-        }
-        let root = f
-            .index_root
-            .as_ref()
-            .ok_or_else(|| corrupt(format!("directory record {dir} has no $I30 index root")))?;
-        let ir_size = self.index_record_size(root);
-        let mut out = Vec::new();
-        let mut walk = Walk {
-            fs: self,
-            file: &f,
-            ir_size,
-            visited: HashSet::new(),
-            out: &mut out,
-            search: None,
-        };
-        walk.node(root, 0x10, 0)?;
-        let mut result = Vec::with_capacity(out.len());
-        for e in out {
-            if e.namespace == 2 || (dir == ROOT && e.node == ROOT) {
-                continue;
-            }
-            if e.node == dir {
-                return Err(corrupt(format!(
-                    "directory record {dir} lists itself as '{}' (directory loop)",
-                    e.name
-                )));
-            }
-            result.push(e);
-        }
-        Ok(result)
-    }
-
-    /// A directory listed in `dir` must name `dir` as its parent; otherwise the index points to
-    /// an unrelated directory (an ancestor: a loop). Directories have no hard links, so this
-    /// check is exact.
-    fn check_subdir(&self, dir: u64, e: &IndexEntry) -> Result<()> {
-        let child = self.file(e.node)?;
-        if e.seq != 0 && child.seq != e.seq {
-            return Err(corrupt(format!(
-                "directory record {dir}: entry '{}' refers to record {} sequence {} but the record has sequence {} (stale entry)",
-                e.name, e.node, e.seq, child.seq
-            )));
-        }
-        if child.is_dir && !child.names.iter().any(|n| n.parent == dir) {
-            return Err(corrupt(format!(
-                "directory record {dir}: entry '{}' points to directory record {} whose parent is elsewhere (directory loop or cross-link)",
-                e.name, e.node
-            )));
-        }
-        Ok(())
-    }
-
-    fn read_stream(&self, f: &File, s: &Stream, buf: &mut [u8], offset: u64) -> Result<usize> {
-        let what = || {
-            format!(
-                "'{}' (MFT record {}) stream '{}'",
-                f.display_name(),
-                f.num,
-                s.name
-            )
-        };
-        if s.flags & ATTR_ENCRYPTED != 0 {
-            return Err(Error::unsupported(
-                "NTFS",
-                format!(
-                    "{} is EFS-encrypted; it can only be read on Windows with the owner's key",
-                    what()
-                ),
-            ));
-        }
-        if !s.is_compressed() {
-            return self.geo.read_plain(&what, s, buf, offset);
-        }
-        self.read_compressed(f, s, buf, offset, &what)
-    }
-
-    fn read_compressed(
-        &self,
-        f: &File,
-        s: &Stream,
-        buf: &mut [u8],
-        offset: u64,
-        what: &dyn Fn() -> String,
-    ) -> Result<usize> {
-        if offset >= s.data_size {
-            return Ok(0);
-        }
-        let cs = self.geo.cluster;
-        if s.compression_unit == 0 {
-            return Err(Error::unsupported(
-                "NTFS",
-                format!("{}: compressed with a compression unit of 0", what()),
-            ));
-        }
-        let unit_clusters = 1u64 << s.compression_unit;
-        let unit_bytes = unit_clusters * cs;
-        if unit_bytes > MAX_COMPRESSION_UNIT {
-            return Err(Error::unsupported(
-                "NTFS",
-                format!(
-                    "{}: compression unit of {unit_bytes} bytes (cluster size over 4 KiB)",
-                    what()
-                ),
-            ));
-        }
-        let n = (s.data_size - offset).min(buf.len() as u64) as usize;
-        let mut done = 0usize;
-        while done < n {
-            let pos = offset + done as u64;
-            let unit = pos / unit_bytes;
-            let in_unit = (pos - unit * unit_bytes) as usize;
-            let take = (unit_bytes as usize - in_unit).min(n - done);
-            let dst = &mut buf[done..done + take];
-            if pos >= s.init_size {
-                dst.fill(0);
-            } else {
-                self.read_unit(f, s, unit, unit_clusters, in_unit, dst, what)?;
-                let valid = (s.init_size - pos).min(take as u64) as usize;
-                dst[valid..].fill(0);
-            }
-            done += take;
-        }
-        Ok(n)
-    }
-
-    /// One compression unit: all sparse = zeros; fully allocated = stored uncompressed;
-    /// otherwise the allocated clusters hold LZNT1 data.
-    #[allow(clippy::too_many_arguments)]
-    fn read_unit(
-        &self,
-        f: &File,
-        s: &Stream,
-        unit: u64,
-        unit_clusters: u64,
-        in_unit: usize,
-        dst: &mut [u8],
-        what: &dyn Fn() -> String,
-    ) -> Result<()> {
-        let cs = self.geo.cluster;
-        let first_vcn = unit * unit_clusters;
-        let end_vcn = first_vcn + unit_clusters;
-        let mut pieces: Vec<(Option<u64>, u64)> = Vec::new();
-        let mut vcn = first_vcn;
-        while vcn < end_vcn {
-            let Some(i) = runlist::find(&s.runs, vcn) else {
-                break;
-            };
-            let r = s.runs[i];
-            let len = (r.vcn + r.len).min(end_vcn) - vcn;
-            pieces.push((r.lcn.map(|l| l + (vcn - r.vcn)), len));
-            vcn += len;
-        }
-        let allocated: u64 = pieces.iter().filter(|p| p.0.is_some()).map(|p| p.1).sum();
-        if allocated == 0 {
-            dst.fill(0);
-            return Ok(());
-        }
-        if allocated == unit_clusters {
-            // Stored uncompressed: read only what is asked, straight into the caller's buffer.
-            let off = unit * unit_clusters * cs + in_unit as u64;
-            return self.geo.read_runs(what, &s.runs, dst, off);
-        }
-        let key = (f.num, s.name.clone(), unit);
-        let cached = self
-            .units
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key);
-        let data = match cached {
-            Some(d) => d,
-            None => {
-                let mut comp = vec![0u8; (allocated * cs) as usize];
-                let mut at = 0usize;
-                for (lcn, len) in &pieces {
-                    // Compressed data sits in the leading allocated clusters; sparse clusters after
-                    // it only pad the unit.
-                    if let Some(l) = lcn {
-                        let bytes = (len * cs) as usize;
-                        self.geo
-                            .vol
-                            .read_exact_at(&mut comp[at..at + bytes], l * cs)?;
-                        at += bytes;
-                    }
-                }
-                let mut out = vec![0u8; (unit_clusters * cs) as usize];
-                lznt1::decompress(&comp, &mut out)
-                    .map_err(|e| corrupt(format!("{}: compression unit {unit}: {e}", what())))?;
-                let d = Arc::new(out);
-                self.units
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(key, d.clone());
-                d
-            }
-        };
-        dst.copy_from_slice(&data[in_unit..in_unit + dst.len()]);
-        Ok(())
-    }
-}
-
-struct FileNameKey {
-    node: u64,
-    name: String,
-    lossy: bool,
-    namespace: u8,
-    flags: u32,
-    reparse_tag: u32,
-}
-
-/// A `$FILE_NAME` value (also the key of `$I30` index entries).
-fn parse_file_name(v: &[u8]) -> Option<FileNameKey> {
-    let parent = le64(v, 0)?;
-    let flags = le32(v, 0x38)?;
-    let reparse_tag = le32(v, 0x3C)?;
-    let len = *v.get(0x40)? as usize;
-    let namespace = *v.get(0x41)?;
-    let raw = v.get(0x42..0x42 + 2 * len)?;
-    let (name, lossy) = utf16(raw);
-    Some(FileNameKey {
-        node: parent & 0x0000_FFFF_FFFF_FFFF,
-        name,
-        lossy,
-        namespace,
-        flags,
-        reparse_tag,
-    })
-}
-
-/// Depth-first walk of a directory's `$I30` B+ tree in collation order.
-struct Walk<'a> {
-    fs: &'a NtfsFs,
-    file: &'a File,
-    ir_size: u64,
-    visited: HashSet<u64>,
-    out: &'a mut Vec<IndexEntry>,
-    /// Upcased name searched for: descend only where it can be (None = list everything).
-    search: Option<Vec<u16>>,
-}
-
-impl Walk<'_> {
-    fn what(&self) -> String {
-        format!(
-            "directory '{}' (MFT record {})",
-            self.file.display_name(),
-            self.file.num
-        )
-    }
-
-    /// Entries of the index node whose header is at `hdr` in `buf`.
-    fn node(&mut self, buf: &[u8], hdr: usize, depth: usize) -> Result<()> {
-        if depth > MAX_INDEX_DEPTH {
-            return Err(corrupt(format!(
-                "{}: index tree deeper than {MAX_INDEX_DEPTH}",
-                self.what()
-            )));
-        }
-        let bad = |s: &Self, m: &str| corrupt(format!("{}: index node: {m}", s.what()));
-        let entries_off = le32(buf, hdr).ok_or_else(|| bad(self, "header truncated"))? as usize;
-        let used = le32(buf, hdr + 4).ok_or_else(|| bad(self, "header truncated"))? as usize;
-        let start = hdr
-            .checked_add(entries_off)
-            .ok_or_else(|| bad(self, "bad offset"))?;
-        let end = hdr
-            .checked_add(used)
-            .filter(|&e| e <= buf.len() && e >= start)
-            .ok_or_else(|| bad(self, "entries outside the node"))?;
-        let mut pos = start;
-        loop {
-            if pos + 16 > end {
-                return Err(bad(self, "no last entry"));
-            }
-            let file_ref = le64(buf, pos).unwrap_or(0);
-            let len = le16(buf, pos + 8).unwrap_or(0) as usize;
-            let key_len = le16(buf, pos + 10).unwrap_or(0) as usize;
-            let flags = le16(buf, pos + 12).unwrap_or(0);
-            if len < 16 || !len.is_multiple_of(8) || pos + len > end || key_len > len - 16 {
-                return Err(bad(
-                    self,
-                    &format!("entry at {pos} has impossible length {len}"),
-                ));
-            }
-            let subnode = if flags & 1 != 0 {
-                if len < 24 {
-                    return Err(bad(self, "entry with subnode too short"));
-                }
-                Some(le64(buf, pos + len - 8).unwrap_or(0))
-            } else {
-                None
-            };
-            if flags & 2 != 0 {
-                if let Some(vcn) = subnode {
-                    self.subnode(vcn, depth + 1)?;
-                }
-                return Ok(());
-            }
-            let key = parse_file_name(&buf[pos + 16..pos + 16 + key_len])
-                .ok_or_else(|| bad(self, &format!("entry at {pos} has a truncated file name")))?;
-            let entry = IndexEntry {
-                node: file_ref & 0x0000_FFFF_FFFF_FFFF,
-                seq: (file_ref >> 48) as u16,
-                name: key.name,
-                lossy: key.lossy,
-                namespace: key.namespace,
-                flags: key.flags,
-                reparse_tag: key.reparse_tag,
-            };
-            if let Some(target) = &self.search {
-                let here = self.fs.upcased(&entry.name);
-                match target.as_slice().cmp(here.as_slice()) {
-                    std::cmp::Ordering::Less => {
-                        if let Some(vcn) = subnode {
-                            self.subnode(vcn, depth + 1)?;
-                        }
-                        return Ok(());
-                    }
-                    std::cmp::Ordering::Equal => {
-                        self.out.push(entry);
-                        return Ok(());
-                    }
-                    std::cmp::Ordering::Greater => {
-                        pos += len;
-                        continue;
-                    }
-                }
-            }
-            if let Some(vcn) = subnode {
-                self.subnode(vcn, depth + 1)?;
-            }
-            self.out.push(entry);
-            if self.out.len() > 50_000_000 {
-                return Err(bad(self, "too many entries"));
-            }
-            pos += len;
-        }
-    }
-
-    fn subnode(&mut self, vcn: u64, depth: usize) -> Result<()> {
-        let what = self.what();
-        let alloc = self.file.index_alloc.as_ref().ok_or_else(|| {
-            corrupt(format!(
-                "{what}: index entry points to a subnode but there is no $INDEX_ALLOCATION"
-            ))
-        })?;
-        let irs = self.ir_size;
-        if !irs.is_power_of_two() || !(512..=65536).contains(&irs) {
-            return Err(corrupt(format!("{what}: index record size {irs} invalid")));
-        }
-        // Index VCNs count clusters when records are at least a cluster, else 512-byte blocks.
-        let unit = if irs >= self.fs.geo.cluster {
-            self.fs.geo.cluster
-        } else {
-            512
-        };
-        let off = vcn
-            .checked_mul(unit)
-            .filter(|o| o.checked_add(irs).is_some_and(|e| e <= alloc.data_size))
-            .ok_or_else(|| {
-                corrupt(format!(
-                    "{what}: index record VCN {vcn} is outside $INDEX_ALLOCATION"
-                ))
-            })?;
-        if !self.visited.insert(off) {
-            return Err(corrupt(format!(
-                "{what}: index record at VCN {vcn} is reached twice (index loop)"
-            )));
-        }
-        let idx = off / irs;
-        if let Some(bm) = &self.file.index_bitmap {
-            let in_use = bm
-                .get((idx / 8) as usize)
-                .is_some_and(|b| b & (1 << (idx % 8)) != 0);
-            if !in_use {
-                return Err(corrupt(format!(
-                    "{what}: index entry points to unused index record {idx}"
-                )));
-            }
-        }
-        let mut buf = vec![0u8; irs as usize];
-        let w = || format!("{what} $INDEX_ALLOCATION");
-        let got = self.fs.geo.read_plain(&w, alloc, &mut buf, off)?;
-        if got != buf.len() {
-            return Err(corrupt(format!("{what}: index record {idx} truncated")));
-        }
-        apply_fixups(&mut buf, b"INDX")
-            .map_err(|e| corrupt(format!("{what}: index record at VCN {vcn}: {e}")))?;
-        if le64(&buf, 0x10) != Some(vcn) {
-            return Err(corrupt(format!(
-                "{what}: index record at VCN {vcn} says it is at another VCN"
-            )));
-        }
-        self.node(&buf, 0x18, depth)
-    }
 }
 
 impl GuestFs for NtfsFs {
@@ -1283,14 +793,22 @@ impl GuestFs for NtfsFs {
             }
             match f.reparse() {
                 Some(Reparse::Wof { algorithm }) => {
-                    return Err(Error::unsupported(
-                        "NTFS",
-                        format!(
-                            "'{}' (MFT record {node}) is compressed by the Windows Overlay Filter (WOF/CompactOS, {}); decompressing it is not supported — read it inside Windows or expand it there with `compact /u /exe`",
-                            f.display_name(),
-                            reparse::wof_algorithm_name(algorithm)
-                        ),
-                    ))
+                    let chunk = match algorithm {
+                        Some(0) => 4096,
+                        Some(2) => 8192,
+                        Some(3) => 16384,
+                        _ => {
+                            return Err(Error::unsupported(
+                                "NTFS",
+                                format!(
+                                    "'{}' (MFT record {node}) is compressed by the Windows Overlay Filter (WOF/CompactOS, {}); only XPRESS4K/8K/16K are supported — read it inside Windows or expand it there with `compact /u /exe`",
+                                    f.display_name(),
+                                    reparse::wof_algorithm_name(algorithm)
+                                ),
+                            ))
+                        }
+                    };
+                    return self.read_wof(&f, chunk, buf, offset);
                 }
                 Some(Reparse::Other(reparse::TAG_DEDUP)) => {
                     return Err(Error::unsupported(
@@ -1387,5 +905,40 @@ impl GuestFs for NtfsFs {
             node = found.node;
         }
         Ok(node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lru_is_bounded_by_entries_and_bytes() {
+        let mut l: Lru<u64, u64> = Lru::new(8, 1000);
+        for i in 0..100 {
+            l.insert(i, i, 10);
+            assert!(l.map.len() <= 8);
+        }
+        assert_eq!(l.get(&99), Some(99));
+        let mut l: Lru<u64, u64> = Lru::new(1000, 1000);
+        for i in 0..100 {
+            l.insert(i, i, 200);
+            assert!(l.bytes <= 1000);
+        }
+        // Entries over a quarter of the budget are not kept at all.
+        l.insert(1000, 1, 300);
+        assert_eq!(l.get(&1000), None);
+    }
+
+    #[test]
+    fn filetime_converts_to_unix_ns() {
+        assert_eq!(filetime(116_444_736_000_000_000), 0);
+        assert_eq!(filetime(116_444_736_000_000_001), 100);
+    }
+
+    #[test]
+    fn probe_rejects_non_ntfs() {
+        assert!(!probe(&[0u8; 512]));
+        assert!(!probe(&[0u8; 10]));
     }
 }

@@ -95,6 +95,84 @@ def reparse_link(tag, target, print_name, relative):
 def set_reparse(path, data):
     run("setfattr", "-n", "system.ntfs_reparse_data", "-v", "0x" + data.hex(), path)
 
+def xpress_huffman(data):
+    """Compress one chunk (<= 64 KiB) as LZXPRESS Huffman ([MS-XCA] 2.2) with a flat code: all
+    512 symbols 9 bits long, so symbol s has code s. Greedy matching; mirrors the decoder's
+    word-refill timing so match-length bytes land where the decoder reads them."""
+    out = bytearray(b"\x99" * 256)
+    slots = []
+    st = {"acc": 0, "n": 0, "total": 0, "done": 0}
+    def reserve():
+        slots.append(len(out)); out.extend(b"\0\0")
+    reserve(); reserve()
+    def put(value, nbits):
+        for i in range(nbits - 1, -1, -1):
+            st["acc"] = (st["acc"] << 1) | ((value >> i) & 1)
+            st["n"] += 1
+            if st["n"] == 16:
+                pos = slots[st["done"]]
+                out[pos:pos + 2] = struct.pack("<H", st["acc"])
+                st["done"] += 1; st["acc"] = 0; st["n"] = 0
+        st["total"] += nbits
+        # The decoder loads word k (k >= 2) once more than 16*(k-1) bits are consumed.
+        while st["total"] > 16 * (len(slots) - 1):
+            reserve()
+    last = {}
+    pos = 0
+    while pos < len(data):
+        cand = last.get(data[pos:pos + 3]) if pos + 3 <= len(data) else None
+        length = 0
+        if cand is not None and pos - cand < 65536:
+            while pos + length < len(data) and data[cand + length] == data[pos + length] and length < 5000:
+                length += 1
+        if length >= 3:
+            dist = pos - cand
+            obits = dist.bit_length() - 1
+            l = length - 3
+            put(256 + (obits << 4) + min(l, 15), 9)
+            if l >= 15:
+                if l - 15 < 255:
+                    out.append(l - 15)
+                else:
+                    out.append(255); out.extend(struct.pack("<H", l))
+            put(dist - (1 << obits), obits)
+            for k in range(pos, pos + length):
+                last[data[k:k + 3]] = k
+            pos += length
+        else:
+            put(data[pos], 9)
+            last[data[pos:pos + 3]] = pos
+            pos += 1
+    if st["n"] > 0:
+        pos = slots[st["done"]]
+        out[pos:pos + 2] = struct.pack("<H", (st["acc"] << (16 - st["n"])) & 0xFFFF)
+    return bytes(out) + b"\0\0\0\0"
+
+def wof_file(b, rel, data, algorithm, chunk):
+    """A CompactOS file as Windows leaves it: reparse tag 0x80000017 (file provider), chunks in
+    the WofCompressedData stream, the main stream a placeholder of the real size."""
+    chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+    blobs = []
+    for c in chunks:
+        z = xpress_huffman(c)
+        blobs.append(z if len(z) < len(c) else c)
+    table = b""
+    off = 0
+    for z in blobs[:-1]:
+        off += len(z)
+        table += struct.pack("<I", off)
+    b.file(rel, b"", stamp=False)
+    with open(b.m(rel) + ":WofCompressedData", "wb") as f:
+        f.write(table + b"".join(blobs))
+    with open(b.m(rel), "r+b") as f:
+        f.truncate(len(data))
+    set_reparse(b.m(rel), struct.pack("<IHHIIIII", 0x80000017, 20, 0, 1, 2, 1, algorithm, 0))
+    with open(os.path.join(b.src, rel), "wb") as f:
+        f.write(data)
+    b.entries[rel] = {"type": "file", "size": len(data), "nlink": 1,
+                      "streams": {}, "wof": True}
+    return blobs
+
 def main_image(out):
     r = random.Random(4)
     b = Builder(out, "main", 64)
@@ -148,15 +226,18 @@ def main_image(out):
     b.mkdir("unicodé")
     for name in ["Ünïcödé.txt", "日本語のファイル.txt", "emoji_😀.txt", "Ελληνικά", "mixed CASE Name.TXT"]:
         b.file("unicodé/" + name, name.encode("utf-8") * 3)
-    # A CompactOS (WOF) file as Windows leaves it: reparse tag 0x80000017 (file provider,
-    # XPRESS8K), the compressed bytes in the WofCompressedData stream, a sparse main stream.
-    b.file("wof.exe", b"", stamp=False)
-    with open(b.m("wof.exe") + ":WofCompressedData", "wb") as f:
-        f.write(b"\x00" * 16 + b"not really xpress data")
-    with open(b.m("wof.exe"), "r+b") as f:
-        f.truncate(50_000)
-    set_reparse(b.m("wof.exe"), struct.pack("<IHHIIII", 0x80000017, 16, 0, 1, 2, 1, 2))
-    b.entries["wof.exe"] = {"type": "wof", "size": 50_000, "streams": {}}
+    # CompactOS (WOF) files: XPRESS8K (text, long matches), XPRESS4K (some chunks stored raw),
+    # XPRESS16K; and an LZX one, which is refused.
+    b.mkdir("wof")
+    wtext = b"".join(b"%d: Windows Overlay Filter %s\n" % (i, b"x" * (i % 400)) for i in range(300))
+    blobs = wof_file(b, "wof/text8k.txt", wtext, 2, 8192)
+    assert any(len(z) < 8192 for z in blobs)
+    wmix = b"".join((r.randbytes(4096) if i % 3 == 0 else wtext[i * 4096:(i + 1) * 4096]) for i in range(12)) + b"tail"
+    blobs = wof_file(b, "wof/mixed4k.bin", wmix, 0, 4096)
+    assert any(len(z) == 4096 for z in blobs) and any(len(z) < 4096 for z in blobs)
+    wof_file(b, "wof/text16k.txt", wtext[:40000], 3, 16384)
+    wof_file(b, "wof/lzx.exe", b"L" * 50_000, 1, 32768)
+    b.entries["wof/lzx.exe"]["type"] = "wof-refused"
     b.file("manystreams.txt", b"base data\n")
     for i in range(120):
         b.stream("manystreams.txt", "stream%03d" % i, (b"stream %d " % i) * (i + 5))
