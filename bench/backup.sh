@@ -88,18 +88,32 @@ else
     staged=$(du -sb "$staging" | cut -f1)
     log "staged $((staged >> 20)) MiB in $(find "$staging" -type f | wc -l) files; mke2fs (base)"
     mkfs "$staging" "$WORK/base.raw"
-    # Rewrite every n-th file in place (same size, same inode, new random content) until
-    # CHANGE_PCT % of the staged bytes are new.
+    # Rewrite every 7th file in place (same size, same inode, new random content) until
+    # CHANGE_PCT % of the staged bytes are new. Only files without an all-zero 4 KiB block:
+    # mke2fs -d leaves those out as holes, so filling them would allocate more blocks and shift
+    # the layout of every later file. (No new directory entries either, not even temporary ones:
+    # they can change a directory's readdir order and so mke2fs's order.)
     target=$((staged * CHANGE_PCT / 100))
     log "rewriting ~$((target >> 20)) MiB of files ($CHANGE_PCT %)"
-    find "$staging" -type f -size +0 -printf '%s\t%p\n' | sort -k2 |
-        awk -F'\t' -v target="$target" '{ if (NR % 7 == 0 && done < target) { done += $1; print } }' |
-        while IFS=$'\t' read -r sz f; do
-            # (via a file outside the tree: a new directory entry, even a deleted one, can change
-            # a directory's readdir order, and so mke2fs's whole layout)
-            head -c "$sz" /dev/urandom >"$WORK/rewrite.tmp" && cat "$WORK/rewrite.tmp" >"$f"
-        done
-    rm -f "$WORK/rewrite.tmp"
+    python3 - "$staging" "$target" <<'PY'
+import os, sys
+root, target = sys.argv[1], int(sys.argv[2])
+files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
+files = [f for f in files if os.path.isfile(f) and not os.path.islink(f)]
+done, zero = 0, bytes(4096)
+for i, f in enumerate(files):
+    if done >= target:
+        break
+    if i % 7:
+        continue
+    data = open(f, "rb").read()
+    if not data or any(data[o:o + 4096] == zero[:len(data[o:o + 4096])] for o in range(0, len(data), 4096)):
+        continue
+    with open(f, "r+b") as out:
+        out.write(os.urandom(len(data)))
+    done += len(data)
+print(f"rewrote {done} bytes", file=sys.stderr)
+PY
     mkfs "$staging" "$WORK/changed.raw"
     rm -rf "$staging"
     log "qemu-img convert -O vhdx -o subformat=dynamic (both images)"

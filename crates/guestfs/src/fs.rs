@@ -213,7 +213,10 @@ pub fn walk<F: GuestFs + ?Sized>(
             if stack.len() >= MAX_WALK_DEPTH {
                 return Err(crate::Error::corrupt(
                     "guest",
-                    format!("directories nest deeper than {MAX_WALK_DEPTH} levels at {}", item.path),
+                    format!(
+                        "directories nest deeper than {MAX_WALK_DEPTH} levels at {}",
+                        item.path
+                    ),
                 ));
             }
             let entries = fs.read_dir(item.entry.node)?.into_iter();

@@ -31,8 +31,9 @@
 //! # }
 //! ```
 //!
-//! Walking a tree: on a damaged volume a directory can contain its own ancestor; keep the
-//! [`fs::GuestFs::dir_key`]s of the directories on the current path and skip repeats.
+//! Walking a tree: use [`fs::walk`]. On a damaged volume a directory can contain its own
+//! ancestor; the walker recognises it by [`fs::GuestFs::dir_key`], reports it and does not enter
+//! it, and it never recurses (hostile depth cannot exhaust the stack).
 
 pub mod error;
 pub mod exfat;

@@ -394,6 +394,19 @@ fn hostile_ext_images_fail_cleanly() {
     assert_eq!(fs.lookup("/a/b/up").unwrap(), a);
     let tree = walk(fs.as_ref()).unwrap();
     assert!(tree.contains_key("/a/b/up") && !tree.contains_key("/a/b/up/b"));
+    // The library walker reports the loop and does not enter it.
+    let mut seen = Vec::new();
+    guestfs::fs::walk(fs.as_ref(), fs.root(), &mut |w| {
+        seen.push((w.path.clone(), w.is_loop));
+        Ok(true)
+    })
+    .unwrap();
+    assert!(seen.contains(&("a/b/up".to_string(), true)), "{seen:?}");
+    assert!(
+        !seen.iter().any(|(p, _)| p.starts_with("a/b/up/")),
+        "{seen:?}"
+    );
+    assert_eq!(seen.iter().filter(|(_, l)| *l).count(), 1);
 
     // An extent pointing outside the volume.
     let data_ino = inode_offset(&img, "/a/b/data.bin");

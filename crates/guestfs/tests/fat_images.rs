@@ -247,6 +247,22 @@ fn hostile_fat_chains_sizes_and_loops() {
     let tree = walk(fs.as_ref()).unwrap();
     assert!(tree.contains_key("/sub/INNER.TXT"));
     assert!(!tree.contains_key("/sub/INNER.TXT/INNER.TXT"));
+    // The library walker reports the loop and does not enter it.
+    let mut seen = Vec::new();
+    guestfs::fs::walk(fs.as_ref(), fs.root(), &mut |w| {
+        seen.push((w.path.clone(), w.is_loop));
+        Ok(true)
+    })
+    .unwrap();
+    assert!(
+        seen.contains(&("sub/INNER.TXT".to_string(), true)),
+        "{seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|(p, _)| p.starts_with("sub/INNER.TXT/")),
+        "{seen:?}"
+    );
+    assert_eq!(seen.iter().filter(|(_, l)| *l).count(), 1);
     let a = fs.lookup("/sub").unwrap();
     let b = fs.lookup("/sub/INNER.TXT").unwrap();
     assert_eq!(fs.dir_key(a).unwrap(), fs.dir_key(b).unwrap());

@@ -149,6 +149,14 @@ fn ntfs_main_image_matches_source_and_sleuthkit() {
     assert!(ok.success());
     let disk: Arc<dyn vdisk::VirtualDisk> =
         Arc::from(vdisk::open(&vhdx, &vdisk::OpenOptions::default()).unwrap());
+    // The partition table reader finds the partition; probing recognises NTFS in it.
+    let table = guestfs::partitions(disk.as_ref()).unwrap();
+    assert_eq!(table.partitions.len(), 1);
+    let p = &table.partitions[0];
+    assert_eq!((p.start, p.length), (start, image_len));
+    let probed = guestfs::open_fs(Volume::new(disk.clone(), p.start, p.length).unwrap()).unwrap();
+    assert_eq!(probed.kind(), guestfs::fs::FsKind::Ntfs);
+    assert_eq!(probed.label().as_deref(), Some("HKMAIN"));
     let fs = guestfs::ntfs::open(Volume::new(disk, start, image_len).unwrap()).unwrap();
     check_against_manifest(&fs, &m);
 }

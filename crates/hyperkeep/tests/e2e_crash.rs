@@ -104,7 +104,7 @@ fn sigkill_backup_and_prune_at_random_moments() {
             round < total_kills * 4,
             "too many rounds: the processes finish before the kills"
         );
-        let is_prune = round % prune_every == 0;
+        let is_prune = round.is_multiple_of(prune_every);
         let (kind, args, expect): (&str, Vec<&str>, Duration) = if is_prune {
             // Give prune work: drop all but the newest three snapshots.
             env.ok(&["forget", "--keep-last", "3"]);

@@ -195,12 +195,19 @@ fn newer_format_version_is_refused_and_untouched() {
 /// Bytes the process has read so far (`rchar` in /proc/PID/io), None once it is gone.
 fn bytes_read_by(pid: u32) -> Option<u64> {
     let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
-    io.lines().find_map(|l| l.strip_prefix("rchar:")).and_then(|v| v.trim().parse().ok())
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Starts a backup and truncates the disk file to `new_len` once the backup has read
 /// `after_bytes` (so the truncation lands mid-read however fast or loaded the machine is).
-fn backup_while_shrinking(env: &Env, vm: &SourceVm, after_bytes: u64, new_len: u64) -> std::process::Output {
+fn backup_while_shrinking(
+    env: &Env,
+    vm: &SourceVm,
+    after_bytes: u64,
+    new_len: u64,
+) -> std::process::Output {
     let args = Env::backup_args(vm);
     let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let child = env.spawn(&args);
@@ -243,7 +250,11 @@ fn disk_that_shrinks_or_vanishes_mid_backup() {
     // is how a disk really disappears under a running reader).
     for new_len in [MIB, 0] {
         let out = backup_while_shrinking(&env, &vm, 64 * MIB, new_len);
-        assert!(!out.status.success(), "backup of a disk truncated to {new_len} succeeded:\n{}", both(&out));
+        assert!(
+            !out.status.success(),
+            "backup of a disk truncated to {new_len} succeeded:\n{}",
+            both(&out)
+        );
         let err = stderr(&out);
         assert!(
             err.contains("error:") && err.contains("shrinkvm-disk.vhdx"),

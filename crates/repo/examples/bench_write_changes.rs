@@ -49,7 +49,9 @@ fn main() {
                 while j < n && a[j..(j + BLOCK).min(n)] != b[j..(j + BLOCK).min(n)] {
                     j = (j + BLOCK).min(n);
                 }
-                child.write_at(&b[i..j], off + i as u64).expect("write child");
+                child
+                    .write_at(&b[i..j], off + i as u64)
+                    .expect("write child");
                 written += (j - i) as u64;
                 i = j;
             } else {

@@ -12,7 +12,13 @@ impl NtfsFs {
     /// data is in the `WofCompressedData` stream as a table of chunk offsets (one per chunk but
     /// the first, relative to the end of the table) followed by XPRESS Huffman chunks, a chunk
     /// as long as its output being stored uncompressed.
-    pub(super) fn read_wof(&self, f: &File, chunk_size: u64, buf: &mut [u8], offset: u64) -> Result<usize> {
+    pub(super) fn read_wof(
+        &self,
+        f: &File,
+        chunk_size: u64,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<usize> {
         let what = || {
             format!(
                 "'{}' (MFT record {}) WofCompressedData",
@@ -106,7 +112,13 @@ impl NtfsFs {
         Ok(n)
     }
 
-    pub(super) fn read_stream(&self, f: &File, s: &Stream, buf: &mut [u8], offset: u64) -> Result<usize> {
+    pub(super) fn read_stream(
+        &self,
+        f: &File,
+        s: &Stream,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<usize> {
         let what = || {
             format!(
                 "'{}' (MFT record {}) stream '{}'",

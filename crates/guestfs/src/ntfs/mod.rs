@@ -14,13 +14,15 @@
 //! - `lznt1`: decompression of compressed files.
 //! - `xpress`: XPRESS Huffman, for WOF/CompactOS files (XPRESS4K/8K/16K; LZX is refused).
 //! - `reparse`: symlinks, junctions, WOF.
-//! - this file: [`NtfsFs`] (files with their extension records, streams, the `$I30` B+ tree,
-//!   `$UpCase` lookups, caches) implementing [`GuestFs`].
+//! - `index`: directories (`$I30` B+ tree walk and search, `$UpCase` collation, loop checks).
+//! - `data`: reading streams: plain, sparse, LZNT1 units, WOF chunks.
+//! - this file: [`NtfsFs`] (boot, `$MFT` bootstrap through its own attribute list, files with
+//!   their extension records, caches) implementing [`GuestFs`].
 //!
 //! Safety: every run is checked against the volume, runs of one attribute must not overlap,
 //! extents of one attribute must be contiguous, index walks keep a visited set and a depth cap,
 //! and every allocation is bounded by real data or a fixed limit. Damage is `Error::Corrupt`
-//! naming the record; unsupported encodings (EFS, WOF, deduplication) are `Error::Unsupported`.
+//! naming the record; unsupported encodings (EFS, WOF with LZX, deduplication) are `Error::Unsupported`.
 
 mod boot;
 mod data;
@@ -38,6 +40,7 @@ use crate::fs::{DirEntry, FileType, FsKind, GuestFs, LinkTarget, Metadata, NodeI
 use crate::volume::Volume;
 use crate::{Error, Result};
 
+use index::parse_file_name;
 use record::*;
 use reparse::Reparse;
 use runlist::Run;
@@ -690,7 +693,6 @@ impl NtfsFs {
         }
         Ok(file)
     }
-
 }
 
 impl GuestFs for NtfsFs {
