@@ -89,7 +89,7 @@ else
     log "staged $((staged >> 20)) MiB in $(find "$staging" -type f | wc -l) files; mke2fs (base)"
     mkfs "$staging" "$WORK/base.raw"
     # Rewrite every 7th file in place (same size, same inode, new random content) until
-    # CHANGE_PCT % of the staged bytes are new. Only files without an all-zero 4 KiB block:
+    # CHANGE_PCT % of the staged bytes are new. Only files without an all-zero 1 KiB block:
     # mke2fs -d leaves those out as holes, so filling them would allocate more blocks and shift
     # the layout of every later file. (No new directory entries either, not even temporary ones:
     # they can change a directory's readdir order and so mke2fs's order.)
@@ -100,14 +100,15 @@ import os, sys
 root, target = sys.argv[1], int(sys.argv[2])
 files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
 files = [f for f in files if os.path.isfile(f) and not os.path.islink(f)]
-done, zero = 0, bytes(4096)
+# 1 KiB: the smallest ext4 block (mke2fs picks it for small filesystems)
+done, zero = 0, bytes(1024)
 for i, f in enumerate(files):
     if done >= target:
         break
     if i % 7:
         continue
     data = open(f, "rb").read()
-    if not data or any(data[o:o + 4096] == zero[:len(data[o:o + 4096])] for o in range(0, len(data), 4096)):
+    if not data or any(data[o:o + 1024] == zero[:len(data[o:o + 1024])] for o in range(0, len(data), 1024)):
         continue
     with open(f, "r+b") as out:
         out.write(os.urandom(len(data)))
@@ -241,6 +242,7 @@ fs=$(df -T "$WORK" | awk 'NR == 2 { print $2 " on " $1 }')
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 report=$OUTDIR/backup-$SIZE-$stamp.md
 cols=(hk restic $borg_rows)
+declare -A colname=([hk]=hyperkeep [restic]=restic [borg]=borg [borgfixed]="borg fixed 4M")
 {
     echo "### backup benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo
@@ -252,7 +254,7 @@ cols=(hk restic $borg_rows)
         "borg: CDC, lz4, repokey-blake2$([ "$BORG_FIXED" = 1 ] && echo '; borg fixed: --chunker-params fixed,4194304'));" \
         "one run; restores verified with qemu-img compare"
     echo
-    printf '| step |'; for c in "${cols[@]}"; do printf ' %s |' "$c"; done; echo ' hyperkeep / restic | hyperkeep / borg |'
+    printf '| step |'; for c in "${cols[@]}"; do printf ' %s |' "${colname[$c]}"; done; echo ' hyperkeep / restic | hyperkeep / borg |'
     printf '|---|'; for _ in "${cols[@]}"; do printf -- '---:|'; done; printf -- '---:|---:|\n'
     for step in first second changes restore; do
         case $step in
