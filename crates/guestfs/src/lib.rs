@@ -11,6 +11,7 @@
 //!   bare filesystems without a table.
 //! - [`ntfs`], [`fat`] (FAT12/16/32), [`exfat`], [`ext`] (ext2/3/4, with in-memory journal
 //!   replay): the filesystems. Each module doc says how its node ids are made.
+//! - [`extract`]: copy guest files to a host directory safely (name escaping, no escapes).
 //! - [`probe`]: recognise the filesystem in a volume and open it ([`open_fs`]).
 //! - `util` (private): field access, DOS times, the FAT/exFAT cluster-chain walker.
 //! - [`error`] holds the error type.
@@ -38,6 +39,7 @@
 pub mod error;
 pub mod exfat;
 pub mod ext;
+pub mod extract;
 pub mod fat;
 pub mod fs;
 pub mod ntfs;

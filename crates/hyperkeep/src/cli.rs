@@ -96,7 +96,29 @@ pub enum Command {
         /// With `latest`: the newest snapshot of this VM.
         #[arg(long)]
         vm: Option<String>,
+        /// Restore only these files or directories from inside the disk (guest paths, repeatable);
+        /// exit 1 if some entries were skipped.
+        #[arg(long, value_name = "GUESTPATH", num_args = 1.., conflicts_with = "to")]
+        include: Vec<String>,
+        /// With --include: the disk (from 1, in the snapshot's order).
+        #[arg(long, value_name = "N", requires = "include")]
+        disk: Option<usize>,
+        /// With --include: the partition (as `hyperkeep ls` lists them).
+        #[arg(long, value_name = "N", requires = "include")]
+        partition: Option<u32>,
+        /// With --include: replace existing regular files.
+        #[arg(long, requires = "include")]
+        overwrite: bool,
     },
+    /// List files inside a disk of a snapshot or a disk file (or its partitions).
+    #[command(after_help = PASSWORD_HELP)]
+    Ls(LsArgs),
+    /// Write a file from inside a disk of a snapshot or a disk file to stdout.
+    #[command(after_help = PASSWORD_HELP)]
+    Cat(CatArgs),
+    /// Find files by name (glob) in every snapshot's disks, newest snapshot first.
+    #[command(after_help = PASSWORD_HELP)]
+    Find(FindArgs),
     /// Remove snapshots by a retention policy (or by id); data is freed by `prune`.
     #[command(after_help = PASSWORD_HELP)]
     Forget(ForgetArgs),
@@ -141,6 +163,18 @@ pub enum Command {
         /// Also remove locks that look alive (only when you are sure nothing else runs).
         #[arg(long)]
         remove_all: bool,
+    },
+    /// Show a snapshot's (or a disk file's) disks, partitions and guest files read-only under a
+    /// directory (FUSE), until unmounted (`fusermount3 -u DIR`) or Ctrl-C.
+    #[command(after_help = PASSWORD_HELP)]
+    Mount {
+        /// Snapshot id, unique prefix, or `latest`; or a disk file (VHDX, VHD, raw).
+        source: String,
+        /// An existing, empty directory.
+        mountpoint: PathBuf,
+        /// With `latest`: the newest snapshot of this VM.
+        #[arg(long)]
+        vm: Option<String>,
     },
 }
 
@@ -208,6 +242,65 @@ pub struct ForgetArgs {
     /// Prune afterwards (exclusive lock).
     #[arg(long)]
     pub prune: bool,
+}
+
+/// Where the guest files are: `SNAPSHOT|DISKFILE`, `--disk`, `--partition`.
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    /// A disk file (VHDX, VHD, raw) if it exists, else a snapshot id, prefix or `latest`.
+    #[arg(value_name = "SNAPSHOT|DISKFILE")]
+    pub source: String,
+    /// Directory or file inside the filesystem (default /).
+    pub path: Option<String>,
+    /// The disk (from 1, in the snapshot's order).
+    #[arg(long, value_name = "N")]
+    pub disk: Option<usize>,
+    /// The partition (without it, and with several filesystems, the partitions are listed).
+    #[arg(long, value_name = "N")]
+    pub partition: Option<u32>,
+    /// With `latest`: the newest snapshot of this VM.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Type, permissions or attributes, size, modification time, link targets, streams.
+    #[arg(long, short = 'l')]
+    pub long: bool,
+    /// Everything below PATH.
+    #[arg(long, short = 'R')]
+    pub recursive: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CatArgs {
+    /// A disk file (VHDX, VHD, raw) if it exists, else a snapshot id, prefix or `latest`.
+    #[arg(value_name = "SNAPSHOT|DISKFILE")]
+    pub source: String,
+    /// The file inside the filesystem.
+    pub path: String,
+    /// The disk (from 1, in the snapshot's order).
+    #[arg(long, value_name = "N")]
+    pub disk: Option<usize>,
+    /// The partition (as `hyperkeep ls` lists them).
+    #[arg(long, value_name = "N")]
+    pub partition: Option<u32>,
+    /// With `latest`: the newest snapshot of this VM.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// An NTFS alternate data stream (or ext extended attribute) instead of the file's data.
+    #[arg(long, value_name = "NAME")]
+    pub stream: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct FindArgs {
+    /// Glob on file names (`*`, `?`; case-insensitive on NTFS/FAT/exFAT); with a `/`, on the
+    /// whole path from the filesystem's root.
+    pub pattern: String,
+    /// Only snapshots of this VM.
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Stop after this many matches.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub limit: usize,
 }
 
 #[derive(Subcommand, Debug)]

@@ -2,11 +2,14 @@
 //!
 //! Map: `cli` declares the arguments (clap), `disk` runs the `hyperkeep disk ...` commands,
 //! `repo_cmd` the repository commands (one module per command) with `repo_open` finding the
-//! repository and its password and `progress` drawing progress bars, `output` prints results for
+//! repository and its password and `progress` drawing progress bars, `granular` the commands on
+//! files inside disks (`ls`, `cat`, `find`, `restore --include`), `output` prints results for
 //! humans or as JSON (errors included), `size` parses sizes such as `32M`.
 
 mod cli;
 mod disk;
+mod granular;
+mod mount;
 mod output;
 mod progress;
 mod repo_cmd;

@@ -18,8 +18,8 @@ fn args_of(vm: &SourceVm) -> Vec<String> {
 fn two_backups_at_once_both_succeed() {
     let env = Env::new();
     env.init();
-    let a = SourceVm::create(env.path(), "vma", 64 * MIB, 16 * MIB, 21);
-    let b = SourceVm::create(env.path(), "vmb", 64 * MIB, 16 * MIB, 22);
+    let a = SourceVm::create(env.path(), "vma", 96 * MIB, 48 * MIB, 21);
+    let b = SourceVm::create(env.path(), "vmb", 96 * MIB, 48 * MIB, 22);
     // vmc holds the same disk content as vma: both runs find the same new chunks at once.
     std::fs::create_dir_all(env.path().join("vmc")).unwrap();
     let c_disk = env.path().join("vmc/vma-disk.vhdx");
@@ -69,11 +69,11 @@ fn prune_beside_a_backup_loses_nothing() {
     let env = Env::new();
     env.init();
     let mut rng = Rng::from_env("prune_beside_backup");
-    let mut vm = SourceVm::create(env.path(), "vmp", 64 * MIB, 12 * MIB, rng.next_u64());
+    let mut vm = SourceVm::create(env.path(), "vmp", 128 * MIB, 48 * MIB, rng.next_u64());
     let mut known: BTreeMap<String, Expected> = BTreeMap::new();
     known.insert(env.backup(&vm), vm.expected());
     // The kind of backup that runs beside the prunes below: a quarter of the data new.
-    vm.mutate(3 * MIB);
+    vm.mutate(12 * MIB);
     let (id, took) = timed(|| env.backup(&vm));
     known.insert(id, vm.expected());
     eprintln!("an incremental backup takes {took:?}");
@@ -81,14 +81,14 @@ fn prune_beside_a_backup_loses_nothing() {
     for round in 0..6 {
         // Old snapshots to forget, so that prune has packs to delete and to repack.
         for _ in 0..2 {
-            vm.mutate(3 * MIB);
+            vm.mutate(12 * MIB);
             known.insert(env.backup(&vm), vm.expected());
         }
         env.ok(&["forget", "--keep-last", "2"]);
         let ids = env.snapshot_ids();
         known.retain(|id, _| ids.contains(id));
 
-        vm.mutate(3 * MIB);
+        vm.mutate(12 * MIB);
         let want = vm.expected();
         let bargs = args_of(&vm);
         let bargs: Vec<&str> = bargs.iter().map(|s| s.as_str()).collect();

@@ -9,7 +9,7 @@
 //! manifest, and for prune: repacking, the new index, deleting superseded objects.
 //!
 //! Env: HK_TEST_SEED replays a run; HK_CRASH_KILLS (default 54) sets the number of kills;
-//! HK_CRASH_DATA_MIB (default 4) the amount of data in the VM's disk.
+//! HK_CRASH_DATA_MIB (default 32) the amount of data in the VM's disk.
 
 mod support;
 
@@ -58,7 +58,7 @@ fn sigkill_backup_and_prune_at_random_moments() {
     let started = Instant::now();
     let mut rng = Rng::from_env("e2e_crash");
     let total_kills = env_u64("HK_CRASH_KILLS", 54);
-    let data_mib = env_u64("HK_CRASH_DATA_MIB", 4);
+    let data_mib = env_u64("HK_CRASH_DATA_MIB", 32);
     // Every 4th kill hits a prune, the others a backup (backups have more phases).
     let prune_every = 4;
 
@@ -67,7 +67,7 @@ fn sigkill_backup_and_prune_at_random_moments() {
     let mut vm = SourceVm::create(
         env.path(),
         "crashvm",
-        4 * data_mib * MIB,
+        2 * data_mib * MIB,
         data_mib * MIB,
         rng.next_u64(),
     );
@@ -153,7 +153,7 @@ fn sigkill_backup_and_prune_at_random_moments() {
         // An earlier snapshot (a random one, to save time) restores exactly.
         let ids: Vec<String> = t.known.keys().cloned().collect();
         let id = &ids[rng.below(ids.len() as u64) as usize];
-        env.assert_restores(id, &t.known[id], None);
+        env.assert_restores(id, &t.known[id], Some("raw"));
 
         let t_restored = started.elapsed();
         // The next backup succeeds.

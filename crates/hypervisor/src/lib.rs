@@ -15,6 +15,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod hyperv;
+pub mod strategy;
+pub mod qemu;
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Debug, thiserror::Error)]

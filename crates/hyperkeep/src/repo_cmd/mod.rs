@@ -33,7 +33,32 @@ pub fn run(cli: &Cli) -> Result<u8> {
             target,
             to,
             vm,
+            include,
+            disk,
+            partition,
+            overwrite,
+        } if !include.is_empty() => crate::granular::restore::run(
+            cli,
+            &crate::granular::restore::IncludeArgs {
+                source: snapshot,
+                vm: vm.as_deref(),
+                include,
+                target,
+                disk: *disk,
+                partition: *partition,
+                overwrite: *overwrite,
+            },
+        ),
+        Command::Restore {
+            snapshot,
+            target,
+            to,
+            vm,
+            ..
         } => restore::run(cli, snapshot, target, *to, vm.as_deref()),
+        Command::Ls(args) => crate::granular::ls::run(cli, args),
+        Command::Cat(args) => crate::granular::cat::run(cli, args),
+        Command::Find(args) => crate::granular::find::run(cli, args),
         Command::Forget(args) => forget::run(cli, args),
         Command::Prune { dry_run } => prune::run(cli, *dry_run),
         Command::Check {
@@ -48,6 +73,11 @@ pub fn run(cli: &Cli) -> Result<u8> {
         } => diff::run(cli, snapshot1, snapshot2, vm.as_deref()),
         Command::Key(cmd) => key::run(cli, cmd),
         Command::Unlock { remove_all } => unlock::run(cli, *remove_all),
+        Command::Mount {
+            source,
+            mountpoint,
+            vm,
+        } => crate::mount::run(cli, source, mountpoint, vm.as_deref()),
     }
 }
 
