@@ -223,7 +223,7 @@ rm -f "$WORK/out-cat"
 cold "$REPO"
 log "restore --include $GUEST_FILE"
 r=$(measure include - "$HK" --json restore latest --include "$GUEST_FILE" --target "$WORK/out-include")
-check_sha "$WORK/out-include/big.tar" "restore --include"
+check_sha "$WORK/out-include$GUEST_FILE" "restore --include"  # the guest path is kept below DIR
 include_repo_bytes=$(python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(json.loads(r["stdout"]).get("repository_bytes_read") or 0)' "$r")
 results+=("$r")
 rm -rf "$WORK/out-include"

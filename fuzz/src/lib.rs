@@ -23,6 +23,8 @@ use std::io;
 
 use vdisk_core::{ExtentState, MapScope, ReadAt, VirtualDisk};
 
+pub mod guest;
+
 /// Largest file an input can describe. Bigger than any useful corpus entry, small enough that
 /// a parser that reads the whole file stays fast.
 pub const MAX_FILE_SIZE: u64 = 64 << 20;

@@ -343,8 +343,11 @@ impl Extractor<'_> {
         let md = self.fs.metadata(node)?;
         let host = match last {
             None => {
-                // The root: its content goes straight into the target.
-                self.dirs_done.push((self.target.clone(), md.clone()));
+                // The root: its content goes straight into the target, whose own times and
+                // permissions are the user's and stay as they are.
+                if md.file_type != FileType::Directory {
+                    return Err(Error::NotADirectory("/".into()));
+                }
                 self.target.clone()
             }
             Some(name) => {
@@ -541,7 +544,7 @@ impl Extractor<'_> {
                 }
                 got += n;
             }
-            if buf[..want].iter().all(|&b| b == 0) {
+            if vdisk::io::is_zero(&buf[..want]) {
                 // A hole (or zeros): leave it unwritten so the host file stays sparse.
                 out.seek(SeekFrom::Current(want as i64))
                     .map_err(|e| e.to_string())?;

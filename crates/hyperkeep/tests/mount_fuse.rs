@@ -714,3 +714,83 @@ fn mount_ntfs_shows_streams_as_xattrs() {
     let st = m.wait_exit(Duration::from_secs(30));
     assert!(st.success(), "{st:?}");
 }
+
+/// A damaged chunk in the repository: reading the file that uses it fails with EIO (never wrong
+/// bytes, never a crash), the rest of the mount keeps working, and the unmount is clean.
+#[test]
+fn mount_answers_eio_for_a_damaged_chunk_and_stays_up() {
+    require_tools();
+    let tmp = tempfile::TempDir::new().unwrap();
+    let dir = tmp.path();
+    let img = build_images(dir);
+    let repo_dir = dir.join("repo");
+    assert!(hyperkeep(&repo_dir).arg("init").status().unwrap().success());
+    assert!(hyperkeep(&repo_dir)
+        .args(["backup", "--vm", "damaged"])
+        .arg(&img.vhdx)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap()
+        .success());
+
+    // Where the middle of docs/big.bin lies on the disk (debugfs: file block -> volume block),
+    // and which pack holds that chunk.
+    let out = Command::new("debugfs")
+        .args(["-R", "bmap /docs/big.bin 384"])
+        .arg(dir.join("ext.img"))
+        .output()
+        .expect("debugfs (e2fsprogs) is needed");
+    let block: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("debugfs bmap: {out:?}"));
+    let disk_offset = EXT_START + block * 4096;
+    std::env::set_var("HYPERKEEP_TEST_FAST_KDF", "1");
+    let backend = repo::repository::Repository::open_location(repo_dir.to_str().unwrap()).unwrap();
+    let repo = repo::repository::Repository::open(backend, PASSWORD).unwrap();
+    let index = repo.load_index().unwrap();
+    let (_, snap) = repo::snapshot::find_snapshot(&repo, "latest", None).unwrap();
+    let table = repo::snapshot::load_table(&repo, &index, &snap.disks[0]).unwrap();
+    let id = table[(disk_offset / u64::from(snap.disks[0].chunk_size)) as usize];
+    assert!(!id.is_zero());
+    let loc = index.lookup(&id).unwrap();
+    let pack = repo_dir.join(repo::backend::ObjectKind::Pack.key(&loc.pack.to_hex()));
+    let mut bytes = fs::read(&pack).unwrap();
+    let at = (loc.offset + u64::from(loc.stored_len) / 2) as usize;
+    bytes[at] ^= 0xFF;
+    let mut perms = fs::metadata(&pack).unwrap().permissions();
+    perms.set_readonly(false);
+    fs::set_permissions(&pack, perms).unwrap();
+    fs::write(&pack, &bytes).unwrap();
+
+    let mnt = dir.join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut cmd = hyperkeep(&repo_dir);
+    cmd.args(["--json", "mount", "latest"]).arg(&mnt);
+    let mut m = Mounted::start(cmd, &mnt);
+    let (mnt2, ext_tree) = (mnt.clone(), img.ext_tree.clone());
+    bounded(Duration::from_secs(120), move || {
+        let p1 = mnt2.join("vm-disk.vhdx/p1");
+        let e = fs::read(p1.join("docs/big.bin")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+        // The damaged range of the whole-disk file too.
+        let disk = fs::File::open(mnt2.join("vm-disk.vhdx/disk")).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let e =
+            std::os::unix::fs::FileExt::read_exact_at(&disk, &mut buf, disk_offset).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+        // Everything else still reads correctly.
+        assert_eq!(
+            fs::read(p1.join("hello.txt")).unwrap(),
+            fs::read(ext_tree.join("hello.txt")).unwrap()
+        );
+        assert!(listing(&p1.join("docs")).contains("big.bin"));
+    });
+    assert!(
+        m.child.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "mount process died"
+    );
+    sh(Command::new("fusermount3").arg("-u").arg(&mnt));
+    let st = m.wait_exit(Duration::from_secs(30));
+    assert!(st.success(), "{st:?}");
+}

@@ -31,7 +31,11 @@ impl std::str::FromStr for Mode {
             "live-app-only" => Mode::LiveAppOnly,
             "saved-state" => Mode::SavedState,
             "offline" => Mode::Offline,
-            _ => return Err(format!("unknown mode '{s}': use auto, live, live-app-only, saved-state or offline")),
+            _ => {
+                return Err(format!(
+                    "unknown mode '{s}': use auto, live, live-app-only, saved-state or offline"
+                ))
+            }
         })
     }
 }
@@ -108,7 +112,11 @@ impl Default for PlanInputs {
     fn default() -> Self {
         PlanInputs {
             checkpoint_blocker: None,
-            retry: RetryPolicy { attempts: 3, delay_secs: 60, then: Method::SavedState },
+            retry: RetryPolicy {
+                attempts: 3,
+                delay_secs: 60,
+                then: Method::SavedState,
+            },
         }
     }
 }
@@ -134,20 +142,34 @@ pub fn plan(vm: &VmInfo, mode: Mode) -> Plan {
 
 pub fn plan_with(vm: &VmInfo, mode: Mode, inputs: &PlanInputs) -> Plan {
     let g = &vm.guest;
-    let notes = if g.notes.is_empty() { String::new() } else { format!(" ({})", g.notes.join("; ")) };
-    let req = |name: &str, met: bool, detail: String| Requirement { name: name.into(), met, detail };
+    let notes = if g.notes.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", g.notes.join("; "))
+    };
+    let req = |name: &str, met: bool, detail: String| Requirement {
+        name: name.into(),
+        met,
+        detail,
+    };
     let passthrough: Vec<String> = vm
         .disks
         .iter()
         .filter(|d| d.passthrough)
         .map(|d| format!("pass-through disk at {}", d.location))
         .collect();
-    let (leftovers, user): (Vec<&String>, Vec<&String>) =
-        vm.existing_checkpoints.iter().partition(|c| c.ends_with(RECOVERY_SUFFIX));
+    let (leftovers, user): (Vec<&String>, Vec<&String>) = vm
+        .existing_checkpoints
+        .iter()
+        .partition(|c| c.ends_with(RECOVERY_SUFFIX));
     let running = vm.state == VmState::Running;
 
     let reasons = vec![
-        req(req::RUNNING, running, format!("VM state: {:?}", vm.state).to_lowercase()),
+        req(
+            req::RUNNING,
+            running,
+            format!("VM state: {:?}", vm.state).to_lowercase(),
+        ),
         req(
             req::INTEGRATION,
             g.agent_responding,
@@ -181,13 +203,19 @@ pub fn plan_with(vm: &VmInfo, mode: Mode, inputs: &PlanInputs) -> Plan {
             if passthrough.is_empty() {
                 "all disks are virtual disks".into()
             } else {
-                format!("{}: not in the checkpoint; back them up with an agent in the guest", passthrough.join(", "))
+                format!(
+                    "{}: not in the checkpoint; back them up with an agent in the guest",
+                    passthrough.join(", ")
+                )
             },
         ),
         req(
             req::CHECKPOINT,
             inputs.checkpoint_blocker.is_none(),
-            inputs.checkpoint_blocker.clone().unwrap_or_else(|| "the hypervisor can checkpoint this VM".into()),
+            inputs
+                .checkpoint_blocker
+                .clone()
+                .unwrap_or_else(|| "the hypervisor can checkpoint this VM".into()),
         ),
         req(
             req::NO_CHECKPOINTS,
@@ -195,12 +223,16 @@ pub fn plan_with(vm: &VmInfo, mode: Mode, inputs: &PlanInputs) -> Plan {
             if vm.existing_checkpoints.is_empty() {
                 "no checkpoints".into()
             } else {
-                format!("existing checkpoints: {}", vm.existing_checkpoints.join(", "))
+                format!(
+                    "existing checkpoints: {}",
+                    vm.existing_checkpoints.join(", ")
+                )
             },
         ),
     ];
     let met = |name: &str| reasons.iter().any(|r| r.name == name && r.met);
-    let app_possible = met(req::INTEGRATION) && met(req::BACKUP_SERVICE) && met(req::NO_PASSTHROUGH);
+    let app_possible =
+        met(req::INTEGRATION) && met(req::BACKUP_SERVICE) && met(req::NO_PASSTHROUGH);
     let checkpoint_ok = met(req::CHECKPOINT);
     let integration_current = met(req::INTEGRATION_CURRENT);
 
@@ -223,7 +255,9 @@ pub fn plan_with(vm: &VmInfo, mode: Mode, inputs: &PlanInputs) -> Plan {
         ));
     }
     for c in &leftovers {
-        p.warnings.push(format!("leftover recovery checkpoint {c} of an earlier failed backup will be removed first"));
+        p.warnings.push(format!(
+            "leftover recovery checkpoint {c} of an earlier failed backup will be removed first"
+        ));
     }
     for c in &user {
         p.warnings.push(format!(
@@ -252,21 +286,25 @@ pub fn plan_with(vm: &VmInfo, mode: Mode, inputs: &PlanInputs) -> Plan {
             };
             p.method = Method::Retry;
             p.retry = Some(retry);
-            p.warnings.push(format!(
-                "VM is {:?} (in transition): retried {} times every {} s, then {}",
-                vm.state,
-                retry.attempts,
-                retry.delay_secs,
-                match retry.then {
-                    Method::Shutdown => "shut down and backed up offline",
-                    Method::Refused => "failed (live-app-only)",
-                    _ => "backed up in saved state",
-                }
-            ).to_lowercase());
+            p.warnings.push(
+                format!(
+                    "VM is {:?} (in transition): retried {} times every {} s, then {}",
+                    vm.state,
+                    retry.attempts,
+                    retry.delay_secs,
+                    match retry.then {
+                        Method::Shutdown => "shut down and backed up offline",
+                        Method::Refused => "failed (live-app-only)",
+                        _ => "backed up in saved state",
+                    }
+                )
+                .to_lowercase(),
+            );
             return p;
         }
         VmState::Other => {
-            p.warnings.push("VM state unknown: not backed up; check the VM in Hyper-V Manager".into());
+            p.warnings
+                .push("VM state unknown: not backed up; check the VM in Hyper-V Manager".into());
             return p;
         }
         VmState::Running | VmState::Paused => {}
@@ -289,9 +327,13 @@ pub fn plan_with(vm: &VmInfo, mode: Mode, inputs: &PlanInputs) -> Plan {
             if !checkpoint_ok {
                 if mode == Mode::Auto {
                     p.method = Method::SavedState;
-                    p.warnings.push("no checkpoint possible: saved-state backup (a short pause of the VM)".into());
+                    p.warnings.push(
+                        "no checkpoint possible: saved-state backup (a short pause of the VM)"
+                            .into(),
+                    );
                 } else {
-                    p.warnings.push("live: no checkpoint possible for this VM; backup refused".into());
+                    p.warnings
+                        .push("live: no checkpoint possible for this VM; backup refused".into());
                 }
             } else if app_possible && running {
                 live(&mut p, Consistency::Application, true);
@@ -324,7 +366,11 @@ pub enum OnCheckpointFailure {
     Fail { reason: String },
 }
 
-pub fn on_checkpoint_failure(plan: &Plan, attempted: Consistency, error: &Error) -> OnCheckpointFailure {
+pub fn on_checkpoint_failure(
+    plan: &Plan,
+    attempted: Consistency,
+    error: &Error,
+) -> OnCheckpointFailure {
     match attempted {
         Consistency::Application if plan.crash_fallback_allowed => OnCheckpointFailure::RetryCrashConsistent {
             warning: format!(

@@ -7,7 +7,11 @@ use hypervisor::VmState;
 use serde_json::json;
 
 fn fixture(name: &str) -> String {
-    std::fs::read_to_string(format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    std::fs::read_to_string(format!(
+        "{}/tests/fixtures/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
 }
 
 #[test]
@@ -37,18 +41,42 @@ fn states_by_name_and_number() {
 
 #[test]
 fn dates_versions_lists_and_booleans() {
-    assert_eq!(parse::date_ms(Some(&json!("/Date(1700000000000)/"))), Some(1_700_000_000_000));
-    assert_eq!(parse::date_ms(Some(&json!("/Date(1700000000000+0100)/"))), Some(1_700_000_000_000));
-    assert_eq!(parse::date_ms(Some(&json!("/Date(-86400000)/"))), Some(-86_400_000));
-    assert_eq!(parse::date_ms(Some(&json!({"value": "/Date(5)/", "DateTime": "x"}))), Some(5));
+    assert_eq!(
+        parse::date_ms(Some(&json!("/Date(1700000000000)/"))),
+        Some(1_700_000_000_000)
+    );
+    assert_eq!(
+        parse::date_ms(Some(&json!("/Date(1700000000000+0100)/"))),
+        Some(1_700_000_000_000)
+    );
+    assert_eq!(
+        parse::date_ms(Some(&json!("/Date(-86400000)/"))),
+        Some(-86_400_000)
+    );
+    assert_eq!(
+        parse::date_ms(Some(&json!({"value": "/Date(5)/", "DateTime": "x"}))),
+        Some(5)
+    );
     assert_eq!(parse::date_ms(Some(&json!("2023-11-14"))), None);
     assert_eq!(parse::date_ms(Some(&json!("/Date(abc)/"))), None);
     assert_eq!(
-        parse::version(Some(&json!({"Major": 10, "Minor": 0, "Build": 17763, "Revision": 1}))).as_deref(),
+        parse::version(Some(
+            &json!({"Major": 10, "Minor": 0, "Build": 17763, "Revision": 1})
+        ))
+        .as_deref(),
         Some("10.0.17763.1")
     );
-    assert_eq!(parse::version(Some(&json!({"Major": 9, "Minor": 0, "Build": -1, "Revision": -1}))).as_deref(), Some("9.0"));
-    assert_eq!(parse::version(Some(&json!("10.0"))).as_deref(), Some("10.0"));
+    assert_eq!(
+        parse::version(Some(
+            &json!({"Major": 9, "Minor": 0, "Build": -1, "Revision": -1})
+        ))
+        .as_deref(),
+        Some("9.0")
+    );
+    assert_eq!(
+        parse::version(Some(&json!("10.0"))).as_deref(),
+        Some("10.0")
+    );
     assert_eq!(parse::version(Some(&json!(null))), None);
     assert_eq!(parse::list(Some(&json!(null))).len(), 0);
     assert_eq!(parse::list(Some(&json!({"a": 1}))).len(), 1);
@@ -57,15 +85,26 @@ fn dates_versions_lists_and_booleans() {
     assert_eq!(parse::boolean(Some(&json!("True"))), Some(true));
     assert_eq!(parse::boolean(Some(&json!(false))), Some(false));
     assert_eq!(parse::uint(Some(&json!(["42"]))), Some(42));
-    assert_eq!(parse::string(Some(&json!(["only"]))).as_deref(), Some("only"));
+    assert_eq!(
+        parse::string(Some(&json!(["only"]))).as_deref(),
+        Some("only")
+    );
 }
 
 #[test]
 fn document_errors_and_stray_lines() {
-    assert!(matches!(parse::document("  \r\n"), Err(hypervisor::Error::Parse(_))));
-    let e = parse::document("Get-VM : Access denied").unwrap_err().to_string();
+    assert!(matches!(
+        parse::document("  \r\n"),
+        Err(hypervisor::Error::Parse(_))
+    ));
+    let e = parse::document("Get-VM : Access denied")
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("Access denied"), "{e}");
-    assert_eq!(parse::document("\u{feff}WARNING: x\r\n{\"a\":1}\r\n").unwrap(), json!({"a": 1}));
+    assert_eq!(
+        parse::document("\u{feff}WARNING: x\r\n{\"a\":1}\r\n").unwrap(),
+        json!({"a": 1})
+    );
 }
 
 #[test]
@@ -77,7 +116,10 @@ fn raw_off_vm_with_integer_enums_and_collapsed_arrays() {
     assert_eq!(vm.state, VmState::Off);
     assert_eq!(vm.drives.len(), 1);
     assert_eq!(vm.drives[0].controller, "IDE 0:0");
-    assert_eq!(vm.drives[0].path.as_deref(), Some("E:\\VMs\\archive01\\disk.vhd"));
+    assert_eq!(
+        vm.drives[0].path.as_deref(),
+        Some("E:\\VMs\\archive01\\disk.vhd")
+    );
     assert_eq!(vm.services.len(), 1);
     assert!(vm.services[0].enabled);
     assert!(vm.snapshots.is_empty());
@@ -88,8 +130,9 @@ fn raw_off_vm_with_integer_enums_and_collapsed_arrays() {
     // ConfigFiles was null: the files Hyper-V 2016+ keeps are named from the location and id.
     assert_eq!(
         info.config_files,
-        ["vmcx", "vmgs", "vmrs"]
-            .map(|e| PathBuf::from(format!("E:\\VMs\\archive01\\Virtual Machines\\7A6B5C4D-3E2F-4A1B-8C9D-0E1F2A3B4C5D.{e}")))
+        ["vmcx", "vmgs", "vmrs"].map(|e| PathBuf::from(format!(
+            "E:\\VMs\\archive01\\Virtual Machines\\7A6B5C4D-3E2F-4A1B-8C9D-0E1F2A3B4C5D.{e}"
+        )))
     );
 }
 
@@ -114,11 +157,16 @@ fn projected_vm_disks_config_and_checkpoints() {
     let info = vm.to_info();
     assert_eq!(
         info.existing_checkpoints,
-        ["Before patch Tuesday [Standard]", "app04 - Backup - (11/14/2023 - 22:13:20) [Recovery]"]
+        [
+            "Before patch Tuesday [Standard]",
+            "app04 - Backup - (11/14/2023 - 22:13:20) [Recovery]"
+        ]
     );
     assert_eq!(
         info.disks[0].path,
-        Some(PathBuf::from("D:\\Hyper-V\\VHD\\sys_8D3E1C2B-4A5F-4B6C-9D7E-0F1A2B3C4D5E.avhdx"))
+        Some(PathBuf::from(
+            "D:\\Hyper-V\\VHD\\sys_8D3E1C2B-4A5F-4B6C-9D7E-0F1A2B3C4D5E.avhdx"
+        ))
     );
     assert_eq!(info.config_files.len(), 3);
     assert!(info.config_files[0].to_string_lossy().ends_with(".vmcx"));
@@ -130,13 +178,22 @@ fn passthrough_disk_has_no_path() {
     assert_eq!(info.disks.len(), 2);
     assert!(!info.disks[0].passthrough);
     assert!(info.disks[1].passthrough);
-    assert_eq!(info.disks[1].path, None, "the description in Path is not a file");
+    assert_eq!(
+        info.disks[1].path, None,
+        "the description in Path is not a file"
+    );
     assert_eq!(info.disks[1].location, "SCSI 0:2");
 }
 
 #[test]
 fn malformed_inventories_are_errors_not_panics() {
-    for bad in ["[{\"Id\":\"x\"}]", "[{\"Name\":\"a\"}]", "[1]", "\"text\"", "{\"Name\":[]}"] {
+    for bad in [
+        "[{\"Id\":\"x\"}]",
+        "[{\"Name\":\"a\"}]",
+        "[1]",
+        "\"text\"",
+        "{\"Name\":[]}",
+    ] {
         assert!(parse::inventory(bad).is_err(), "{bad}");
     }
     assert_eq!(parse::inventory("[]").unwrap().len(), 0);

@@ -18,7 +18,10 @@ fn decode_base64(s: &str) -> Vec<u8> {
     let mut out = Vec::new();
     for chunk in s.as_bytes().chunks(4) {
         let pad = chunk.iter().filter(|&&c| c == b'=').count();
-        let n = chunk.iter().filter(|&&c| c != b'=').fold(0u32, |n, &c| (n << 6) | u32::from(val(c)))
+        let n = chunk
+            .iter()
+            .filter(|&&c| c != b'=')
+            .fold(0u32, |n, &c| (n << 6) | u32::from(val(c)))
             << (6 * pad);
         out.extend_from_slice(&n.to_be_bytes()[1..4 - pad]);
     }
@@ -32,11 +35,21 @@ fn encoded_command_is_base64_of_utf16le() {
     for op in Op::ALL {
         let script = op.script();
         let bytes = decode_base64(&scripts::encode_command(&script));
-        let units: Vec<u16> = bytes.chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+        let units: Vec<u16> = bytes
+            .chunks(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect();
         assert_eq!(String::from_utf16(&units).unwrap(), script, "{}", op.name());
         // Windows limits a command line to 32767 characters.
-        let line: usize = scripts::command_line(&script).iter().map(|a| a.len() + 1).sum();
-        assert!(line < 32_000, "{} command line is {line} characters", op.name());
+        let line: usize = scripts::command_line(&script)
+            .iter()
+            .map(|a| a.len() + 1)
+            .sum();
+        assert!(
+            line < 32_000,
+            "{} command line is {line} characters",
+            op.name()
+        );
     }
 }
 
@@ -45,7 +58,14 @@ fn command_line_is_noninteractive_powershell() {
     let cl = scripts::command_line("x");
     assert_eq!(
         cl[..6],
-        ["powershell.exe", "-NoProfile", "-NonInteractive", "-ExecutionPolicy", "Bypass", "-EncodedCommand"]
+        [
+            "powershell.exe",
+            "-NoProfile",
+            "-NonInteractive",
+            "-ExecutionPolicy",
+            "Bypass",
+            "-EncodedCommand"
+        ]
     );
 }
 
@@ -54,12 +74,22 @@ fn hostile_names_only_travel_as_json_data() {
     let runner = std::sync::Arc::new(
         CannedRunner::new()
             .respond(Op::SaveVm, PsOutput::ok(r#"{"State":"Saved"}"#))
-            .respond(Op::StopVm, PsOutput::ok(r#"{"TimedOut":false,"State":"Off"}"#)),
+            .respond(
+                Op::StopVm,
+                PsOutput::ok(r#"{"TimedOut":false,"State":"Off"}"#),
+            ),
     );
     let hv = HyperVHypervisor::new(Box::new(runner.clone()));
-    for name in [HOSTILE, "x\"; exit 0; \"", "vm*[0-9]?", "$(Stop-Computer)", "日本語のVM"] {
+    for name in [
+        HOSTILE,
+        "x\"; exit 0; \"",
+        "vm*[0-9]?",
+        "$(Stop-Computer)",
+        "日本語のVM",
+    ] {
         hv.save_state(name).unwrap();
-        hv.shutdown(name, std::time::Duration::from_millis(1500)).unwrap();
+        hv.shutdown(name, std::time::Duration::from_millis(1500))
+            .unwrap();
     }
     let calls = runner.calls();
     assert_eq!(calls.len(), 10);
@@ -76,19 +106,38 @@ fn hostile_names_only_travel_as_json_data() {
     assert_eq!(v["Name"], "日本語のVM");
     assert!(calls[8].stdin_json.contains("\\u65e5"));
     let v: serde_json::Value = serde_json::from_str(&calls[1].stdin_json).unwrap();
-    assert_eq!(v["TimeoutSeconds"], 2, "a timeout rounds up to whole seconds");
+    assert_eq!(
+        v["TimeoutSeconds"], 2,
+        "a timeout rounds up to whole seconds"
+    );
 }
 
 #[test]
 fn scripts_never_pass_values_as_code_or_wildcards() {
     for op in Op::ALL {
         let s = op.script();
-        assert!(!s.contains("-TurnOff"), "{}: backups never power off hard", op.name());
-        assert!(!s.contains("Invoke-Expression") && !s.contains("iex "), "{}", op.name());
+        assert!(
+            !s.contains("-TurnOff"),
+            "{}: backups never power off hard",
+            op.name()
+        );
+        assert!(
+            !s.contains("Invoke-Expression") && !s.contains("iex "),
+            "{}",
+            op.name()
+        );
         // -Name / -VMName treat * ? [ ] as wildcards; VMs are found by exact comparison.
-        assert!(!s.contains("-VMName") && !s.contains("Get-VM -Name"), "{}", op.name());
+        assert!(
+            !s.contains("-VMName") && !s.contains("Get-VM -Name"),
+            "{}",
+            op.name()
+        );
         assert!(s.starts_with(scripts::PROLOGUE));
-        assert!(s.contains("exit 1"), "{}: failures must give a non-zero exit", op.name());
+        assert!(
+            s.contains("exit 1"),
+            "{}: failures must give a non-zero exit",
+            op.name()
+        );
     }
     assert!(scripts::CREATE_CHECKPOINT.contains("SnapshotType = [uint16]32768"));
     assert!(scripts::CREATE_CHECKPOINT.contains("IgnoreNonSnapshottableDisks = $true"));

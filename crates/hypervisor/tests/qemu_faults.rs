@@ -15,7 +15,10 @@ fn qemu_faults_leave_vm_and_disks_sound() {
     let t = test_vm();
     let hv = &t.hv;
     hv.start(VM).unwrap();
-    assert!(hv.wait_booted(VM, BOOT_TIMEOUT).unwrap(), "the VM did not boot");
+    assert!(
+        hv.wait_booted(VM, BOOT_TIMEOUT).unwrap(),
+        "the VM did not boot"
+    );
 
     // 1. QEMU killed while a checkpoint exists: the guest's writes since are in the overlay.
     wait_announced(hv, 0);
@@ -30,24 +33,43 @@ fn qemu_faults_leave_vm_and_disks_sound() {
     let err = hv.start(VM).unwrap_err();
     assert!(err.to_string().contains("leftover checkpoint"), "{err}");
     let done = hv.cleanup_leftovers(VM).unwrap();
-    assert!(done.iter().any(|d| d.contains("merged overlay") && d.contains("offline")), "{done:?}");
-    assert!(!overlay.exists(), "overlay {} left behind", overlay.display());
+    assert!(
+        done.iter()
+            .any(|d| d.contains("merged overlay") && d.contains("offline")),
+        "{done:?}"
+    );
+    assert!(
+        !overlay.exists(),
+        "overlay {} left behind",
+        overlay.display()
+    );
     assert!(hv.vm(VM).unwrap().existing_checkpoints.is_empty());
     assert!(hv.cleanup_leftovers(VM).unwrap().is_empty());
-    let (code, text) = run(Command::new("qemu-img").args(["check", "-f", "vhdx"]).arg(&t.disk));
+    let (code, text) = run(Command::new("qemu-img")
+        .args(["check", "-f", "vhdx"])
+        .arg(&t.disk));
     assert_eq!(code, 0, "qemu-img check after the offline merge:\n{text}");
     let copy = t.scratch.join("killed.raw");
     copy_to_raw(&t.disk, &copy);
     e2fsck_repair(&copy);
     // Records written to the overlay after the checkpoint were merged into the base.
     let n = check_records(&copy, &t.scratch, true);
-    assert!(n >= before_kill, "merged disk holds {n} records, {before_kill} were announced");
+    assert!(
+        n >= before_kill,
+        "merged disk holds {n} records, {before_kill} were announced"
+    );
     // Releasing the checkpoint that cleanup already merged is a clear NotFound.
-    assert!(matches!(hv.release_checkpoint(VM, &cp, false), Err(Error::NotFound(_))));
+    assert!(matches!(
+        hv.release_checkpoint(VM, &cp, false),
+        Err(Error::NotFound(_))
+    ));
 
     // Fresh, consistent disk for the rest (a killed guest may leave a partial last record).
     hv.start(VM).unwrap();
-    assert!(hv.wait_booted(VM, BOOT_TIMEOUT).unwrap(), "the VM did not boot after cleanup");
+    assert!(
+        hv.wait_booted(VM, BOOT_TIMEOUT).unwrap(),
+        "the VM did not boot after cleanup"
+    );
     wait_announced(hv, 0);
 
     // 2. A guest that ignores the power button: Timeout, and the VM keeps running and writing.
@@ -64,7 +86,9 @@ fn qemu_faults_leave_vm_and_disks_sound() {
     std::thread::sleep(Duration::from_secs(1));
     let info = hv.vm(VM).unwrap();
     assert!(!info.guest.agent_responding, "{:?}", info.guest.notes);
-    let err = hv.create_checkpoint(VM, Consistency::Application).unwrap_err();
+    let err = hv
+        .create_checkpoint(VM, Consistency::Application)
+        .unwrap_err();
     assert!(err.to_string().contains("application-consistent"), "{err}");
     let info = hv.vm(VM).unwrap();
     assert!(info.existing_checkpoints.is_empty());

@@ -22,7 +22,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::strategy::{self, Mode, Plan};
-use crate::{Checkpoint, ChangeToken, Consistency, Error, Hypervisor, Result, VmInfo};
+use crate::{ChangeToken, Checkpoint, Consistency, Error, Hypervisor, Result, VmInfo};
 use parse::HvVm;
 pub use scripts::Op;
 
@@ -36,10 +36,18 @@ pub struct PsOutput {
 
 impl PsOutput {
     pub fn ok(stdout: impl Into<String>) -> Self {
-        PsOutput { exit_code: 0, stdout: stdout.into(), stderr: String::new() }
+        PsOutput {
+            exit_code: 0,
+            stdout: stdout.into(),
+            stderr: String::new(),
+        }
     }
     pub fn failed(stderr: impl Into<String>) -> Self {
-        PsOutput { exit_code: 1, stdout: String::new(), stderr: stderr.into() }
+        PsOutput {
+            exit_code: 1,
+            stdout: String::new(),
+            stderr: stderr.into(),
+        }
     }
 }
 
@@ -63,7 +71,9 @@ pub struct SystemPowerShell {
 
 impl Default for SystemPowerShell {
     fn default() -> Self {
-        SystemPowerShell { executable: "powershell.exe".into() }
+        SystemPowerShell {
+            executable: "powershell.exe".into(),
+        }
     }
 }
 
@@ -71,7 +81,11 @@ impl PowerShellRunner for SystemPowerShell {
     fn run(&self, op: Op, script: &str, stdin_json: &str) -> Result<PsOutput> {
         let args = scripts::command_line(script);
         let io_err = |what: &str, e| Error::Io {
-            context: format!("{what} {} for Hyper-V operation {}", self.executable.display(), op.name()),
+            context: format!(
+                "{what} {} for Hyper-V operation {}",
+                self.executable.display(),
+                op.name()
+            ),
             source: e,
         };
         let mut child = Command::new(&self.executable)
@@ -82,7 +96,14 @@ impl PowerShellRunner for SystemPowerShell {
             .spawn()
             .map_err(|e| io_err("cannot start", e))?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin.write_all(stdin_json.as_bytes()).map_err(|e| io_err("cannot write arguments to", e))?;
+            // A script that failed before reading its arguments closes the pipe; its stderr
+            // then says why, so a broken pipe is not the error to report.
+            match stdin.write_all(stdin_json.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    return Err(io_err("cannot write arguments to", e))
+                }
+                _ => {}
+            }
         }
         let out = child.wait_with_output().map_err(|e| io_err("lost", e))?;
         Ok(PsOutput {
@@ -114,7 +135,12 @@ impl CannedRunner {
         Self::default()
     }
     pub fn respond(self, op: Op, out: PsOutput) -> Self {
-        self.outputs.lock().unwrap_or_else(|e| e.into_inner()).entry(op).or_default().push(out);
+        self.outputs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(op)
+            .or_default()
+            .push(out);
         self
     }
     pub fn calls(&self) -> Vec<RecordedCall> {
@@ -124,17 +150,26 @@ impl CannedRunner {
 
 impl PowerShellRunner for CannedRunner {
     fn run(&self, op: Op, script: &str, stdin_json: &str) -> Result<PsOutput> {
-        self.calls.lock().unwrap_or_else(|e| e.into_inner()).push(RecordedCall {
-            op,
-            script: script.to_string(),
-            stdin_json: stdin_json.to_string(),
-        });
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(RecordedCall {
+                op,
+                script: script.to_string(),
+                stdin_json: stdin_json.to_string(),
+            });
         let mut outputs = self.outputs.lock().unwrap_or_else(|e| e.into_inner());
         let queue = outputs
             .get_mut(&op)
             .filter(|q| !q.is_empty())
-            .ok_or_else(|| Error::Operation(format!("no canned output for operation {}", op.name())))?;
-        Ok(if queue.len() > 1 { queue.remove(0) } else { queue[0].clone() })
+            .ok_or_else(|| {
+                Error::Operation(format!("no canned output for operation {}", op.name()))
+            })?;
+        Ok(if queue.len() > 1 {
+            queue.remove(0)
+        } else {
+            queue[0].clone()
+        })
     }
 }
 
@@ -151,7 +186,10 @@ fn seconds(d: Duration) -> u64 {
 
 impl HyperVHypervisor {
     pub fn new(runner: Box<dyn PowerShellRunner>) -> Self {
-        HyperVHypervisor { runner, merge_timeout: Duration::from_secs(3600) }
+        HyperVHypervisor {
+            runner,
+            merge_timeout: Duration::from_secs(3600),
+        }
     }
 
     /// The local host's Windows PowerShell.
@@ -160,7 +198,9 @@ impl HyperVHypervisor {
     }
 
     fn call(&self, op: Op, vm: Option<&str>, input: Value) -> Result<Value> {
-        let out = self.runner.run(op, &op.script(), &scripts::encode_input(&input))?;
+        let out = self
+            .runner
+            .run(op, &op.script(), &scripts::encode_input(&input))?;
         let target = vm.map(|v| format!(" of VM '{v}'")).unwrap_or_default();
         if out.exit_code != 0 || !out.stderr.trim().is_empty() {
             let msg = out.stderr.trim();
@@ -168,7 +208,11 @@ impl HyperVHypervisor {
                 "Hyper-V {}{target} failed (exit code {}): {}",
                 op.name(),
                 out.exit_code,
-                if msg.is_empty() { "no error message" } else { msg }
+                if msg.is_empty() {
+                    "no error message"
+                } else {
+                    msg
+                }
             )));
         }
         parse::document(&out.stdout)
@@ -182,16 +226,29 @@ impl HyperVHypervisor {
     }
 
     pub fn hv_vm(&self, name: &str) -> Result<HvVm> {
-        self.inventory(Some(name))?
+        // PowerShell's -eq ignores case; Hyper-V allows two VMs with one name.
+        let wanted = name.to_lowercase();
+        let mut found: Vec<HvVm> = self
+            .inventory(Some(name))?
             .into_iter()
-            .find(|v| v.name.eq_ignore_ascii_case(name))
-            .ok_or_else(|| Error::NotFound(format!("no Hyper-V VM named '{name}'")))
+            .filter(|v| v.name.to_lowercase() == wanted)
+            .collect();
+        match found.len() {
+            0 => Err(Error::NotFound(format!("no Hyper-V VM named '{name}'"))),
+            1 => Ok(found.remove(0)),
+            n => Err(Error::Operation(format!(
+                "{n} Hyper-V VMs are named '{name}': rename them so each name is unique"
+            ))),
+        }
     }
 
     /// What a backup of `name` in `mode` would do, and why.
     pub fn preflight(&self, name: &str, mode: Mode) -> Result<Plan> {
         let vm = self.hv_vm(name)?;
-        let inputs = strategy::PlanInputs { checkpoint_blocker: vm.checkpoint_blocker(), ..Default::default() };
+        let inputs = strategy::PlanInputs {
+            checkpoint_blocker: vm.checkpoint_blocker(),
+            ..Default::default()
+        };
         Ok(strategy::plan_with(&vm.to_info(), mode, &inputs))
     }
 
@@ -209,11 +266,17 @@ impl HyperVHypervisor {
 }
 
 fn strings(v: Option<&Value>) -> Vec<String> {
-    parse::list(v).into_iter().filter_map(|s| parse::string(Some(s))).collect()
+    parse::list(v)
+        .into_iter()
+        .filter_map(|s| parse::string(Some(s)))
+        .collect()
 }
 
 fn handle_frozen(c: &Checkpoint) -> Vec<String> {
-    c.frozen_disks.iter().map(|p| p.to_string_lossy().into_owned()).collect()
+    c.frozen_disks
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect()
 }
 
 impl Hypervisor for HyperVHypervisor {
@@ -234,9 +297,16 @@ impl Hypervisor for HyperVHypervisor {
             Consistency::Application => 1,
             Consistency::Crash => 2,
         };
-        let doc = self.call(Op::CreateCheckpoint, Some(vm), json!({ "Name": vm, "ConsistencyLevel": level }))?;
-        let id = parse::string(doc.get("InstanceId"))
-            .ok_or_else(|| Error::Parse(format!("create-checkpoint of VM '{vm}': no InstanceId in {doc}")))?;
+        let doc = self.call(
+            Op::CreateCheckpoint,
+            Some(vm),
+            json!({ "Name": vm, "ConsistencyLevel": level }),
+        )?;
+        let id = parse::string(doc.get("InstanceId")).ok_or_else(|| {
+            Error::Parse(format!(
+                "create-checkpoint of VM '{vm}': no InstanceId in {doc}"
+            ))
+        })?;
         let frozen = strings(doc.get("FrozenDisks"));
         let tops = strings(doc.get("NewTops"));
         if tops.len() != frozen.len() {
@@ -250,12 +320,20 @@ impl Hypervisor for HyperVHypervisor {
             id: id.clone(),
             consistency,
             frozen_disks: frozen.iter().map(PathBuf::from).collect(),
-            config_files: strings(doc.get("ConfigFiles")).into_iter().map(PathBuf::from).collect(),
+            config_files: strings(doc.get("ConfigFiles"))
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
             handle: json!({ "instance_id": id, "new_tops": tops }),
         })
     }
 
-    fn release_checkpoint(&self, vm: &str, checkpoint: &Checkpoint, keep_change_token: bool) -> Result<Option<ChangeToken>> {
+    fn release_checkpoint(
+        &self,
+        vm: &str,
+        checkpoint: &Checkpoint,
+        keep_change_token: bool,
+    ) -> Result<Option<ChangeToken>> {
         let doc = self.call(
             Op::ReleaseCheckpoint,
             Some(vm),
@@ -271,12 +349,23 @@ impl Hypervisor for HyperVHypervisor {
             return Ok(None);
         }
         let id = parse::string(doc.get("ReferencePoint")).ok_or_else(|| {
-            Error::Parse(format!("release-checkpoint of VM '{vm}': no ReferencePoint in {doc}"))
+            Error::Parse(format!(
+                "release-checkpoint of VM '{vm}': no ReferencePoint in {doc}"
+            ))
         })?;
-        Ok(Some(ChangeToken { id, per_disk: strings(doc.get("RctIds")) }))
+        Ok(Some(ChangeToken {
+            id,
+            per_disk: strings(doc.get("RctIds")),
+        }))
     }
 
-    fn changed_ranges(&self, vm: &str, checkpoint: &Checkpoint, disk_index: usize, token: &ChangeToken) -> Result<Option<Vec<(u64, u64)>>> {
+    fn changed_ranges(
+        &self,
+        vm: &str,
+        checkpoint: &Checkpoint,
+        disk_index: usize,
+        token: &ChangeToken,
+    ) -> Result<Option<Vec<(u64, u64)>>> {
         let path = checkpoint.frozen_disks.get(disk_index).ok_or_else(|| {
             Error::NotFound(format!(
                 "VM '{vm}': disk index {disk_index} out of range ({} frozen disks)",
@@ -285,7 +374,10 @@ impl Hypervisor for HyperVHypervisor {
         })?;
         // A disk added or removed since the reference point: the ids no longer line up.
         if token.per_disk.len() != checkpoint.frozen_disks.len() {
-            tracing::warn!(vm, "disk set changed since the reference point: reading disks in full");
+            tracing::warn!(
+                vm,
+                "disk set changed since the reference point: reading disks in full"
+            );
             return Ok(None);
         }
         let limit = &token.per_disk[disk_index];
@@ -293,7 +385,11 @@ impl Hypervisor for HyperVHypervisor {
         if limit.is_empty() || !(p.ends_with(".vhdx") || p.ends_with(".avhdx")) {
             return Ok(None); // RCT exists only for VHDX disks.
         }
-        let doc = self.call(Op::ChangedRanges, Some(vm), json!({ "Path": path.to_string_lossy(), "LimitId": limit }))?;
+        let doc = self.call(
+            Op::ChangedRanges,
+            Some(vm),
+            json!({ "Path": path.to_string_lossy(), "LimitId": limit }),
+        )?;
         if parse::boolean(doc.get("Available")) != Some(true) {
             tracing::warn!(
                 vm,
@@ -303,8 +399,12 @@ impl Hypervisor for HyperVHypervisor {
             );
             return Ok(None);
         }
-        let size = parse::uint(doc.get("DiskSize"))
-            .ok_or_else(|| Error::Parse(format!("changed-ranges of '{}': no DiskSize", path.display())))?;
+        let size = parse::uint(doc.get("DiskSize")).ok_or_else(|| {
+            Error::Parse(format!(
+                "changed-ranges of '{}': no DiskSize",
+                path.display()
+            ))
+        })?;
         let offsets = parse::list(doc.get("ChangedByteOffsets"));
         let lengths = parse::list(doc.get("ChangedByteLengths"));
         if offsets.len() != lengths.len() {
@@ -326,9 +426,9 @@ impl Hypervisor for HyperVHypervisor {
                 }
                 _ => {
                     return Err(Error::Parse(format!(
-                        "changed-ranges of '{}': range {o:?}+{l:?} is not inside the {size}-byte disk",
-                        path.display()
-                    )))
+                    "changed-ranges of '{}': range {o:?}+{l:?} is not inside the {size}-byte disk",
+                    path.display()
+                )))
                 }
             }
         }
@@ -347,7 +447,11 @@ impl Hypervisor for HyperVHypervisor {
     }
 
     fn shutdown(&self, vm: &str, timeout: Duration) -> Result<()> {
-        let doc = self.call(Op::StopVm, Some(vm), json!({ "Name": vm, "TimeoutSeconds": seconds(timeout) }))?;
+        let doc = self.call(
+            Op::StopVm,
+            Some(vm),
+            json!({ "Name": vm, "TimeoutSeconds": seconds(timeout) }),
+        )?;
         if parse::boolean(doc.get("TimedOut")) == Some(true) {
             return Err(Error::Timeout(format!(
                 "VM '{vm}' did not shut down within {} s (the guest may refuse or still be shutting down; it was not powered off)",
@@ -363,7 +467,11 @@ impl Hypervisor for HyperVHypervisor {
     }
 
     fn wait_booted(&self, vm: &str, timeout: Duration) -> Result<bool> {
-        let doc = self.call(Op::WaitBooted, Some(vm), json!({ "Name": vm, "TimeoutSeconds": seconds(timeout) }))?;
+        let doc = self.call(
+            Op::WaitBooted,
+            Some(vm),
+            json!({ "Name": vm, "TimeoutSeconds": seconds(timeout) }),
+        )?;
         parse::boolean(doc.get("Booted"))
             .ok_or_else(|| Error::Parse(format!("wait-booted of VM '{vm}': no Booted in {doc}")))
     }

@@ -21,7 +21,11 @@ pub fn document(stdout: &str) -> Result<Value> {
         return Ok(v);
     }
     // Anything a cmdlet printed before the result (a stray warning) ends before the last line.
-    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or(text);
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or(text);
     serde_json::from_str(last.trim()).map_err(|e| {
         let head: String = text.chars().take(200).collect();
         Error::Parse(format!("invalid JSON ({e}); output begins: {head}"))
@@ -187,7 +191,8 @@ pub fn inventory(stdout: &str) -> Result<Vec<HvVm>> {
 }
 
 pub fn vm(v: &Value) -> Result<HvVm> {
-    let name = string(v.get("Name")).ok_or_else(|| Error::Parse(format!("a VM without a Name: {v}")))?;
+    let name =
+        string(v.get("Name")).ok_or_else(|| Error::Parse(format!("a VM without a Name: {v}")))?;
     let id = string(v.get("Id"))
         .or_else(|| string(v.get("VMId")))
         .ok_or_else(|| Error::Parse(format!("VM '{name}' has no Id")))?;
@@ -232,7 +237,10 @@ pub fn vm(v: &Value) -> Result<HvVm> {
             })
         })
         .collect();
-    let config_files = list(v.get("ConfigFiles")).into_iter().filter_map(|f| string(Some(f))).collect();
+    let config_files = list(v.get("ConfigFiles"))
+        .into_iter()
+        .filter_map(|f| string(Some(f)))
+        .collect();
     Ok(HvVm {
         state: vm_state(v.get("State")),
         state_raw: string(v.get("State")).unwrap_or_else(|| "null".into()),
@@ -252,7 +260,11 @@ pub fn vm(v: &Value) -> Result<HvVm> {
 
 /// Names of the backup integration service (English; Windows Server 2012 R2 called it
 /// "Backup (volume snapshot)", 2016 and later "VSS").
-const VSS_NAMES: [&str; 3] = ["VSS", "Backup (volume snapshot)", "Backup (volume shadow copy)"];
+const VSS_NAMES: [&str; 3] = [
+    "VSS",
+    "Backup (volume snapshot)",
+    "Backup (volume shadow copy)",
+];
 
 impl HvVm {
     fn service(&self, names: &[&str]) -> Option<&HvService> {
@@ -268,8 +280,12 @@ impl HvVm {
 
     pub fn to_info(&self) -> VmInfo {
         let heartbeat = self.service(&["Heartbeat"]);
-        let heartbeat_ok = heartbeat.is_some_and(|h| h.enabled && h.status.as_deref() == Some("OK"))
-            || self.heartbeat.as_deref().is_some_and(|h| h.starts_with("Ok"));
+        let heartbeat_ok = heartbeat
+            .is_some_and(|h| h.enabled && h.status.as_deref() == Some("OK"))
+            || self
+                .heartbeat
+                .as_deref()
+                .is_some_and(|h| h.starts_with("Ok"));
         let vss = self.service(&VSS_NAMES);
         let mut notes = Vec::new();
         match vss {
@@ -310,8 +326,15 @@ impl HvVm {
         if config_files.is_empty() {
             // The inventory could not list the folder: name the files Hyper-V 2016+ keeps.
             if let Some(loc) = &self.configuration_location {
-                let base = format!("{}\\Virtual Machines\\{}", loc.trim_end_matches('\\'), self.id.to_uppercase());
-                config_files = ["vmcx", "vmgs", "vmrs"].iter().map(|e| format!("{base}.{e}").into()).collect();
+                let base = format!(
+                    "{}\\Virtual Machines\\{}",
+                    loc.trim_end_matches('\\'),
+                    self.id.to_uppercase()
+                );
+                config_files = ["vmcx", "vmgs", "vmrs"]
+                    .iter()
+                    .map(|e| format!("{base}.{e}").into())
+                    .collect();
             }
         }
         VmInfo {
@@ -322,7 +345,11 @@ impl HvVm {
                 .drives
                 .iter()
                 .map(|d| DiskAttachment {
-                    path: if d.disk_number.is_some() { None } else { d.path.as_ref().map(Into::into) },
+                    path: if d.disk_number.is_some() {
+                        None
+                    } else {
+                        d.path.as_ref().map(Into::into)
+                    },
                     passthrough: d.disk_number.is_some(),
                     location: d.controller.clone(),
                 })
@@ -330,14 +357,25 @@ impl HvVm {
             config_files,
             guest: GuestIntegration {
                 agent_responding: heartbeat_ok,
-                backup_service_enabled: vss.is_some_and(|s| s.enabled && s.status.as_deref() == Some("OK")),
+                backup_service_enabled: vss
+                    .is_some_and(|s| s.enabled && s.status.as_deref() == Some("OK")),
                 integration_current,
                 notes,
             },
             existing_checkpoints: self
                 .snapshots
                 .iter()
-                .map(|s| format!("{} [{}]", s.name, if Self::is_recovery(s) { "Recovery" } else { s.kind.as_str() }))
+                .map(|s| {
+                    format!(
+                        "{} [{}]",
+                        s.name,
+                        if Self::is_recovery(s) {
+                            "Recovery"
+                        } else {
+                            s.kind.as_str()
+                        }
+                    )
+                })
                 .collect(),
         }
     }

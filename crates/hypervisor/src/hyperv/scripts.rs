@@ -114,7 +114,7 @@ function Wait-HkMerge($VM, $Expected, [int]$TimeoutSeconds) {
   $deadline = (Get-Date).AddSeconds($TimeoutSeconds)
   while ($true) {
     $now = @(Get-HkDrives $VM | Where-Object { $null -eq $_.DiskNumber } | ForEach-Object { $_.Path })
-    if ((Compare-Object -ReferenceObject @($Expected) -DifferenceObject $now -SyncWindow 0) -eq $null) { return }
+    if ((@($Expected) -join '|') -eq ($now -join '|')) { return }
     if ((Get-Date) -gt $deadline) { throw "the checkpoint merge of VM '$($VM.Name)' did not finish within $TimeoutSeconds s; disks are still: $($now -join ', ')" }
     Start-Sleep -Seconds 2
   }
@@ -127,8 +127,9 @@ const CATCH: &str = r#"  [Console]::Error.WriteLine($_.Exception.Message)
 
 /// Every VM (or the one named `$A.Name`) with its drives, integration services, checkpoints
 /// and configuration files, enums as names.
-pub const INVENTORY: &str = r#"$vms = if ($null -ne $A.Name) { @(Find-HkVM $A.Name) } else { @(Get-VM) }
-$out = foreach ($vm in $vms) {
+pub const INVENTORY: &str = r#"# Exact-name filter (no -Name wildcards); an unknown name gives an empty list, not an error.
+$vms = @(Get-VM | Where-Object { $null -eq $A.Name -or $_.Name -eq $A.Name })
+$out = @(foreach ($vm in $vms) {
   $cfgDir = Join-Path $vm.ConfigurationLocation 'Virtual Machines'
   $cfg = @(Get-ChildItem -LiteralPath $cfgDir -File -ErrorAction SilentlyContinue |
     Where-Object { $_.BaseName -eq $vm.Id.ToString() -and $_.Extension -in '.vmcx', '.vmgs', '.vmrs' } |
@@ -151,8 +152,8 @@ $out = foreach ($vm in $vms) {
     Snapshots = @(Get-VMSnapshot -VM $vm | Select-Object Name, @{n='Id';e={$_.Id.ToString()}}, @{n='SnapshotType';e={$_.SnapshotType.ToString()}}, CreationTime)
     ConfigFiles = $cfg
   }
-}
-ConvertTo-Json -InputObject @($out) -Depth 6 -Compress
+})
+ConvertTo-Json -InputObject $out -Depth 6 -Compress
 "#;
 
 /// Recovery checkpoint (SnapshotType 32768) with ConsistencyLevel `$A.ConsistencyLevel`
@@ -171,15 +172,20 @@ $r = Invoke-CimMethod -InputObject $svc -MethodName CreateSnapshot -Arguments @{
 }
 Wait-HkJob $r 'CreateSnapshot (recovery checkpoint)'
 $id = $vm.Id.ToString()
-$snap = @(Get-CimInstance -Namespace $NS -ClassName Msvm_VirtualSystemSettingData |
-  Where-Object { $_.VirtualSystemIdentifier -eq $id -and $_.VirtualSystemType -eq 'Microsoft:Hyper-V:Snapshot:Recovery' } |
-  Sort-Object CreationTime)[-1]
+$snap = $null
+if ($null -ne $r.ResultingSnapshot) { $snap = Get-CimInstance -InputObject $r.ResultingSnapshot }
+if ($null -eq $snap) {
+  $snap = @(Get-CimInstance -Namespace $NS -ClassName Msvm_VirtualSystemSettingData |
+    Where-Object { $_.VirtualSystemIdentifier -eq $id -and $_.VirtualSystemType -eq 'Microsoft:Hyper-V:Snapshot:Recovery' } |
+    Sort-Object CreationTime)[-1]
+}
 if ($null -eq $snap) { throw "CreateSnapshot reported success but VM '$($vm.Name)' has no recovery checkpoint" }
 $after = @(Get-HkDrives $vm | Where-Object { $null -eq $_.DiskNumber } | ForEach-Object { $_.Path })
 for ($i = 0; $i -lt $before.Count; $i++) {
   if ($after[$i] -eq $before[$i]) {
     # A disk the checkpoint skipped (IgnoreNonSnapshottableDisks) is not frozen: reading it would be unsafe.
-    Invoke-CimMethod -InputObject $svc -MethodName DestroySnapshot -Arguments @{ AffectedSnapshot = $snap } | Out-Null
+    $d = Invoke-CimMethod -InputObject $svc -MethodName DestroySnapshot -Arguments @{ AffectedSnapshot = $snap }
+    Wait-HkJob $d 'DestroySnapshot'
     throw "the checkpoint did not freeze disk '$($before[$i])' (shared or non-snapshottable disk); checkpoint removed"
   }
 }
@@ -211,8 +217,10 @@ if ($A.KeepReferencePoint) {
   Wait-HkJob $r 'ConvertToReferencePoint'
   $refs = @(Get-CimInstance -Namespace $NS -ClassName Msvm_VirtualSystemReferencePoint |
     Where-Object { $_.VirtualSystemIdentifier -eq $id } | Sort-Object CreationTime)
-  if ($refs.Count -eq 0) { throw "ConvertToReferencePoint reported success but VM '$($vm.Name)' has no reference point" }
-  $new = $refs[-1]
+  $new = $null
+  if ($null -ne $r.ResultingReferencePoint) { $new = Get-CimInstance -InputObject $r.ResultingReferencePoint }
+  if ($null -eq $new -and $refs.Count -gt 0) { $new = $refs[-1] }
+  if ($null -eq $new) { throw "ConvertToReferencePoint reported success but VM '$($vm.Name)' has no reference point" }
   $refId = $new.InstanceID
   $rct = @($new.ResilientChangeTrackingIdentifiers)
   $rps = Get-CimInstance -Namespace $NS -ClassName Msvm_VirtualSystemReferencePointService
@@ -232,7 +240,7 @@ ConvertTo-Json -Depth 6 -Compress -InputObject ([pscustomobject]@{ ReferencePoin
 /// Msvm_ImageManagementService.GetVirtualDiskChanges, looped until the whole disk is processed.
 /// A refused query is reported as `Available = $false` (the caller then reads everything).
 pub const CHANGED_RANGES: &str = r#"$ims = Get-CimInstance -Namespace $NS -ClassName Msvm_ImageManagementService
-$size = [uint64](Get-VHD -LiteralPath $A.Path).Size
+$size = [uint64](Get-VHD -Path $A.Path).Size
 $offsets = New-Object System.Collections.Generic.List[uint64]
 $lengths = New-Object System.Collections.Generic.List[uint64]
 $pos = [uint64]0
@@ -241,7 +249,7 @@ $reason = $null
 while ($pos -lt $size) {
   try {
     $r = Invoke-CimMethod -InputObject $ims -MethodName GetVirtualDiskChanges -Arguments @{
-      Path = $A.Path; LimitId = $A.LimitId; TargetSnapshotId = $null
+      Path = $A.Path; LimitId = $A.LimitId
       ByteOffset = [uint64]$pos; ByteLength = [uint64]($size - $pos)
     }
     Wait-HkJob $r 'GetVirtualDiskChanges'
@@ -335,7 +343,10 @@ pub fn command_line(script: &str) -> Vec<String> {
 
 /// `-EncodedCommand` wants base64 of the UTF-16LE text.
 pub fn encode_command(script: &str) -> String {
-    let bytes: Vec<u8> = script.encode_utf16().flat_map(|u| u.to_le_bytes()).collect();
+    let bytes: Vec<u8> = script
+        .encode_utf16()
+        .flat_map(|u| u.to_le_bytes())
+        .collect();
     base64(&bytes)
 }
 
@@ -384,7 +395,12 @@ pub fn markdown_listing() -> String {
     s.push_str(CATCH);
     s.push_str("}\n```\n");
     for op in Op::ALL {
-        let _ = write!(s, "\n### `{}`\n\n```powershell\n{}```\n", op.name(), op.body());
+        let _ = write!(
+            s,
+            "\n### `{}`\n\n```powershell\n{}```\n",
+            op.name(),
+            op.body()
+        );
     }
     s
 }

@@ -43,19 +43,34 @@ impl Agent {
         Ok(Agent { conn })
     }
 
-    pub fn execute(&mut self, command: &str, arguments: Option<Value>, timeout: Duration) -> Result<Value> {
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value> {
         let mut msg = json!({ "execute": command });
         if let Some(a) = arguments {
             msg["arguments"] = a;
         }
         self.conn.send(&msg)?;
-        let v = self.conn.recv(Instant::now() + timeout).map_err(|e| match e {
-            Error::Timeout(_) => Error::Timeout(format!("the guest agent did not answer {command} in {timeout:?}")),
-            other => other,
-        })?;
+        let v = self
+            .conn
+            .recv(Instant::now() + timeout)
+            .map_err(|e| match e {
+                Error::Timeout(_) => Error::Timeout(format!(
+                    "the guest agent did not answer {command} in {timeout:?}"
+                )),
+                other => other,
+            })?;
         if let Some(err) = v.get("error") {
-            let desc = err.get("desc").and_then(Value::as_str).unwrap_or("(no description)");
-            return Err(Error::Operation(format!("the guest agent refused {command}: {desc}")));
+            let desc = err
+                .get("desc")
+                .and_then(Value::as_str)
+                .unwrap_or("(no description)");
+            return Err(Error::Operation(format!(
+                "the guest agent refused {command}: {desc}"
+            )));
         }
         Ok(v.get("return").cloned().unwrap_or(Value::Null))
     }

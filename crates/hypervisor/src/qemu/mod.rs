@@ -39,8 +39,8 @@ pub use qmp::Qmp;
 pub use wire::MAX_SOCKET_PATH;
 
 use crate::{
-    ChangeToken, Checkpoint, Consistency, DiskAttachment, Error, GuestIntegration, Hypervisor, Result,
-    VmInfo, VmState,
+    ChangeToken, Checkpoint, Consistency, DiskAttachment, Error, GuestIntegration, Hypervisor,
+    Result, VmInfo, VmState,
 };
 
 /// What QEMU runs: a direct-kernel-boot VM with virtio disks and a guest-agent port.
@@ -113,7 +113,9 @@ fn check_name(name: &str) -> Result<()> {
         && name.len() <= 64
         && name != "."
         && name != ".."
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
     if ok {
         Ok(())
     } else {
@@ -129,7 +131,12 @@ fn qemu_escape(p: &Path) -> String {
 }
 
 fn disk_format(p: &Path) -> &'static str {
-    match p.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+    match p
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase())
+        .as_deref()
+    {
         Some("vhdx") => "vhdx",
         Some("vhd") => "vpc",
         Some("qcow2") => "qcow2",
@@ -141,7 +148,10 @@ fn write_json_atomic(path: &Path, v: &impl Serialize) -> Result<()> {
     let tmp = path.with_extension("tmp");
     let data = serde_json::to_vec_pretty(v).map_err(|e| Error::Parse(e.to_string()))?;
     fs::write(&tmp, data).map_err(io_err(format!("cannot write {}", tmp.display())))?;
-    fs::rename(&tmp, path).map_err(io_err(format!("cannot rename {} into place", tmp.display())))
+    fs::rename(&tmp, path).map_err(io_err(format!(
+        "cannot rename {} into place",
+        tmp.display()
+    )))
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
@@ -150,7 +160,10 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
             .map(Some)
             .map_err(|e| Error::Parse(format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::Io { context: format!("cannot read {}", path.display()), source: e }),
+        Err(e) => Err(Error::Io {
+            context: format!("cannot read {}", path.display()),
+            source: e,
+        }),
     }
 }
 
@@ -158,7 +171,10 @@ fn remove_if_exists(path: &Path) -> Result<bool> {
     match fs::remove_file(path) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(Error::Io { context: format!("cannot delete {}", path.display()), source: e }),
+        Err(e) => Err(Error::Io {
+            context: format!("cannot delete {}", path.display()),
+            source: e,
+        }),
     }
 }
 
@@ -167,8 +183,10 @@ impl QemuHypervisor {
     /// must stay under the unix-socket path limit.
     pub fn new(runtime_dir: impl Into<PathBuf>) -> Result<Self> {
         let runtime_dir = runtime_dir.into();
-        fs::create_dir_all(&runtime_dir)
-            .map_err(io_err(format!("cannot create the runtime directory {}", runtime_dir.display())))?;
+        fs::create_dir_all(&runtime_dir).map_err(io_err(format!(
+            "cannot create the runtime directory {}",
+            runtime_dir.display()
+        )))?;
         Ok(QemuHypervisor {
             runtime_dir,
             qemu_binary: "qemu-system-x86_64".into(),
@@ -218,15 +236,22 @@ impl QemuHypervisor {
             }
         }
         if self.is_running(&def.name)? {
-            return Err(Error::Operation(format!("VM {} is running; shut it down before redefining it", def.name)));
+            return Err(Error::Operation(format!(
+                "VM {} is running; shut it down before redefining it",
+                def.name
+            )));
         }
         write_json_atomic(&dir.join(DEFINITION_FILE), def)
     }
 
     pub fn definition(&self, name: &str) -> Result<VmDefinition> {
         check_name(name)?;
-        read_json(&self.vm_dir(name).join(DEFINITION_FILE))?
-            .ok_or_else(|| Error::NotFound(format!("no QEMU VM named {name} under {}", self.runtime_dir.display())))
+        read_json(&self.vm_dir(name).join(DEFINITION_FILE))?.ok_or_else(|| {
+            Error::NotFound(format!(
+                "no QEMU VM named {name} under {}",
+                self.runtime_dir.display()
+            ))
+        })
     }
 
     fn checkpoint_record(&self, name: &str) -> Result<Option<CheckpointRecord>> {
@@ -249,8 +274,12 @@ impl QemuHypervisor {
             }
         }
         let pidfile = self.vm_dir(name).join("qemu.pid");
-        let Ok(text) = fs::read_to_string(&pidfile) else { return Ok(false) };
-        let Ok(pid) = text.trim().parse::<u32>() else { return Ok(false) };
+        let Ok(text) = fs::read_to_string(&pidfile) else {
+            return Ok(false);
+        };
+        let Ok(pid) = text.trim().parse::<u32>() else {
+            return Ok(false);
+        };
         // The pid may have been reused: it is our VM only if it is a QEMU with our socket.
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let qmp = self.vm_dir(name).join("qmp.sock");
@@ -288,7 +317,9 @@ impl QemuHypervisor {
                 let _ = child.wait();
                 Ok(())
             }
-            None => Err(Error::NotFound(format!("VM {name} was not started by this hyperkeep process"))),
+            None => Err(Error::NotFound(format!(
+                "VM {name} was not started by this hyperkeep process"
+            ))),
         }
     }
 
@@ -301,9 +332,23 @@ impl QemuHypervisor {
         let mut cmd = Command::new(&self.qemu_binary);
         cmd.arg("-name").arg(&def.name);
         cmd.arg("-machine").arg(format!("q35,accel={}", def.accel));
-        cmd.args(["-smp", &def.cpus.to_string(), "-m", &def.memory_mib.to_string()]);
-        cmd.args(["-display", "none", "-monitor", "none", "-nic", "none", "-no-reboot"]);
-        cmd.arg("-serial").arg(format!("file:{}", qemu_escape(&dir.join("console.log"))));
+        cmd.args([
+            "-smp",
+            &def.cpus.to_string(),
+            "-m",
+            &def.memory_mib.to_string(),
+        ]);
+        cmd.args([
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-nic",
+            "none",
+            "-no-reboot",
+        ]);
+        cmd.arg("-serial")
+            .arg(format!("file:{}", qemu_escape(&dir.join("console.log"))));
         cmd.arg("-kernel").arg(&def.kernel);
         if let Some(initrd) = &def.initrd {
             cmd.arg("-initrd").arg(initrd);
@@ -324,21 +369,34 @@ impl QemuHypervisor {
             "socket,path={},server=on,wait=off,id=qga0",
             qemu_escape(&dir.join("qga.sock"))
         ));
-        cmd.args(["-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]);
-        cmd.arg("-qmp").arg(format!("unix:{},server=on,wait=off", qemu_escape(&dir.join("qmp.sock"))));
+        cmd.args([
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]);
+        cmd.arg("-qmp").arg(format!(
+            "unix:{},server=on,wait=off",
+            qemu_escape(&dir.join("qmp.sock"))
+        ));
         cmd.arg("-pidfile").arg(dir.join("qemu.pid"));
         if incoming {
             cmd.args(["-incoming", "defer"]);
         }
         let log_path = dir.join("qemu.log");
-        let log = fs::File::create(&log_path).map_err(io_err(format!("cannot create {}", log_path.display())))?;
-        let log2 = log.try_clone().map_err(io_err("cannot duplicate a file handle".into()))?;
+        let log = fs::File::create(&log_path)
+            .map_err(io_err(format!("cannot create {}", log_path.display())))?;
+        let log2 = log
+            .try_clone()
+            .map_err(io_err("cannot duplicate a file handle".into()))?;
         cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
         tracing::info!(vm = name, "starting QEMU");
-        let child = cmd
-            .spawn()
-            .map_err(io_err(format!("cannot run {} (install qemu-system-x86)", self.qemu_binary.display())))?;
-        self.children.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), child);
+        let child = cmd.spawn().map_err(io_err(format!(
+            "cannot run {} (install qemu-system-x86)",
+            self.qemu_binary.display()
+        )))?;
+        self.children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), child);
 
         // QEMU creates the QMP socket early; wait until it answers.
         let deadline = Instant::now() + LAUNCH_TIMEOUT;
@@ -355,7 +413,9 @@ impl QemuHypervisor {
             }
             if Instant::now() >= deadline {
                 let _ = self.kill(name);
-                return Err(Error::Timeout(format!("QEMU for VM {name} did not open its monitor socket")));
+                return Err(Error::Timeout(format!(
+                    "QEMU for VM {name} did not open its monitor socket"
+                )));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -366,30 +426,41 @@ impl QemuHypervisor {
         if self.is_running(name)? {
             Ok(())
         } else {
-            Err(Error::Operation(format!("cannot {what}: VM {name} is not running")))
+            Err(Error::Operation(format!(
+                "cannot {what}: VM {name} is not running"
+            )))
         }
     }
 
     fn state(&self, name: &str) -> Result<VmState> {
         if !self.is_running(name)? {
-            return Ok(if self.vm_dir(name).join(SAVED_MARKER).exists() { VmState::Saved } else { VmState::Off });
+            return Ok(if self.vm_dir(name).join(SAVED_MARKER).exists() {
+                VmState::Saved
+            } else {
+                VmState::Off
+            });
         }
-        let Ok(mut qmp) = self.qmp(name) else { return Ok(VmState::Starting) };
+        let Ok(mut qmp) = self.qmp(name) else {
+            return Ok(VmState::Starting);
+        };
         let status = qmp.execute("query-status", None)?;
-        Ok(match status.get("status").and_then(Value::as_str).unwrap_or("") {
-            "running" => VmState::Running,
-            "paused" | "suspended" | "debug" => VmState::Paused,
-            "inmigrate" | "prelaunch" | "restore-vm" => VmState::Starting,
-            "finish-migrate" | "postmigrate" | "save-vm" => VmState::Saving,
-            "shutdown" => VmState::Stopping,
-            _ => VmState::Other,
-        })
+        Ok(
+            match status.get("status").and_then(Value::as_str).unwrap_or("") {
+                "running" => VmState::Running,
+                "paused" | "suspended" | "debug" => VmState::Paused,
+                "inmigrate" | "prelaunch" | "restore-vm" => VmState::Starting,
+                "finish-migrate" | "postmigrate" | "save-vm" => VmState::Saving,
+                "shutdown" => VmState::Stopping,
+                _ => VmState::Other,
+            },
+        )
     }
 
     fn guest_integration(&self, name: &str, running: bool) -> GuestIntegration {
         let mut g = GuestIntegration::default();
         if !running {
-            g.notes.push("VM not running: guest agent not checked".into());
+            g.notes
+                .push("VM not running: guest agent not checked".into());
             return g;
         }
         let probe = || -> Result<Value> {
@@ -403,16 +474,22 @@ impl QemuHypervisor {
                 let version = info.get("version").and_then(Value::as_str).unwrap_or("?");
                 g.notes.push(format!("guest agent {version} answers"));
                 let enabled = |cmd: &str| {
-                    info.get("supported_commands").and_then(Value::as_array).is_some_and(|cmds| {
-                        cmds.iter().any(|c| {
-                            c.get("name").and_then(Value::as_str) == Some(cmd)
-                                && c.get("enabled").and_then(Value::as_bool) == Some(true)
+                    info.get("supported_commands")
+                        .and_then(Value::as_array)
+                        .is_some_and(|cmds| {
+                            cmds.iter().any(|c| {
+                                c.get("name").and_then(Value::as_str) == Some(cmd)
+                                    && c.get("enabled").and_then(Value::as_bool) == Some(true)
+                            })
                         })
-                    })
                 };
-                g.backup_service_enabled = ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status"]
-                    .iter()
-                    .all(|c| enabled(c));
+                g.backup_service_enabled = [
+                    "guest-fsfreeze-freeze",
+                    "guest-fsfreeze-thaw",
+                    "guest-fsfreeze-status",
+                ]
+                .iter()
+                .all(|c| enabled(c));
                 g.notes.push(if g.backup_service_enabled {
                     "fsfreeze available".into()
                 } else {
@@ -435,7 +512,9 @@ impl QemuHypervisor {
         let job = format!("hk-commit-{i}");
         qmp.execute(
             "block-commit",
-            Some(json!({"job-id": job, "device": format!("ov{i}"), "base-node": format!("base{i}")})),
+            Some(
+                json!({"job-id": job, "device": format!("ov{i}"), "base-node": format!("base{i}")}),
+            ),
         )?;
         let is_job = |d: &Value| d.get("device").and_then(Value::as_str) == Some(job.as_str());
         // A failed job reports COMPLETED (with an error) without READY: watch for both.
@@ -446,8 +525,13 @@ impl QemuHypervisor {
                     && is_job(e.get("data").unwrap_or(&Value::Null))
             }) {
                 let e = qmp.events()[pos].clone();
-                let msg = e["data"].get("error").and_then(Value::as_str).unwrap_or("ended before it was ready");
-                return Err(Error::Operation(format!("merging overlay {i} failed: {msg}")));
+                let msg = e["data"]
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .unwrap_or("ended before it was ready");
+                return Err(Error::Operation(format!(
+                    "merging overlay {i} failed: {msg}"
+                )));
             }
             match qmp.wait_event("BLOCK_JOB_READY", Duration::from_millis(500), is_job) {
                 Ok(_) => break,
@@ -458,7 +542,9 @@ impl QemuHypervisor {
         qmp.execute("block-job-complete", Some(json!({"device": job})))?;
         let done = qmp.wait_event("BLOCK_JOB_COMPLETED", JOB_TIMEOUT, is_job)?;
         if let Some(msg) = done["data"].get("error").and_then(Value::as_str) {
-            return Err(Error::Operation(format!("merging overlay {i} failed: {msg}")));
+            return Err(Error::Operation(format!(
+                "merging overlay {i} failed: {msg}"
+            )));
         }
         Ok(())
     }
@@ -467,7 +553,11 @@ impl QemuHypervisor {
         let nodes = qmp.execute("query-named-block-nodes", Some(json!({"flat": true})))?;
         Ok(nodes
             .as_array()
-            .map(|a| a.iter().filter_map(|n| n.get("node-name").and_then(Value::as_str).map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|n| n.get("node-name").and_then(Value::as_str).map(String::from))
+                    .collect()
+            })
             .unwrap_or_default())
     }
 
@@ -477,7 +567,10 @@ impl QemuHypervisor {
             .args(["commit", "-q", "-f", "qcow2"])
             .arg(overlay)
             .output()
-            .map_err(io_err(format!("cannot run {} (install qemu-utils)", self.qemu_img.display())))?;
+            .map_err(io_err(format!(
+                "cannot run {} (install qemu-utils)",
+                self.qemu_img.display()
+            )))?;
         if !out.status.success() {
             return Err(Error::Operation(format!(
                 "qemu-img commit {} failed: {}",
@@ -497,14 +590,22 @@ impl QemuHypervisor {
             for i in 0..record.overlays.len() {
                 if nodes.iter().any(|n| n == &format!("ov{i}")) {
                     Self::commit_online(&mut qmp, i)?;
-                    done.push(format!("merged overlay {} into {}", record.overlays[i].display(), record.bases[i].display()));
+                    done.push(format!(
+                        "merged overlay {} into {}",
+                        record.overlays[i].display(),
+                        record.bases[i].display()
+                    ));
                 }
             }
         } else {
             for (i, overlay) in record.overlays.iter().enumerate() {
                 if overlay.exists() {
                     self.commit_offline(overlay)?;
-                    done.push(format!("merged overlay {} into {} (offline)", overlay.display(), record.bases[i].display()));
+                    done.push(format!(
+                        "merged overlay {} into {} (offline)",
+                        overlay.display(),
+                        record.bases[i].display()
+                    ));
                 }
             }
         }
@@ -522,13 +623,18 @@ impl QemuHypervisor {
             match info.get("status").and_then(Value::as_str).unwrap_or("") {
                 "completed" => return Ok(()),
                 "failed" | "cancelled" => {
-                    let msg = info.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given");
+                    let msg = info
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given");
                     return Err(Error::Operation(format!("{what} failed: {msg}")));
                 }
                 _ => {}
             }
             if Instant::now() >= deadline {
-                return Err(Error::Timeout(format!("{what} did not finish in {MIGRATE_TIMEOUT:?}")));
+                return Err(Error::Timeout(format!(
+                    "{what} did not finish in {MIGRATE_TIMEOUT:?}"
+                )));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -537,8 +643,14 @@ impl QemuHypervisor {
     fn resume_inner(&self, name: &str) -> Result<()> {
         let state = self.vm_dir(name).join(STATE_FILE);
         let mut qmp = self.qmp(name)?;
-        qmp.execute("migrate-set-parameters", Some(json!({"mode": "cpr-reboot"})))?;
-        qmp.execute("migrate-incoming", Some(json!({"uri": format!("file:{}", state.display())})))?;
+        qmp.execute(
+            "migrate-set-parameters",
+            Some(json!({"mode": "cpr-reboot"})),
+        )?;
+        qmp.execute(
+            "migrate-incoming",
+            Some(json!({"uri": format!("file:{}", state.display())})),
+        )?;
         Self::wait_migration(&mut qmp, "loading the saved state")?;
         // The state was saved from a stopped VM, so it arrives paused.
         qmp.execute("cont", None)?;
@@ -565,8 +677,10 @@ impl Hypervisor for QemuHypervisor {
 
     fn list_vms(&self) -> Result<Vec<VmInfo>> {
         let mut names = Vec::new();
-        let entries = fs::read_dir(&self.runtime_dir)
-            .map_err(io_err(format!("cannot list {}", self.runtime_dir.display())))?;
+        let entries = fs::read_dir(&self.runtime_dir).map_err(io_err(format!(
+            "cannot list {}",
+            self.runtime_dir.display()
+        )))?;
         for entry in entries.flatten() {
             if entry.path().join(DEFINITION_FILE).is_file() {
                 if let Some(n) = entry.file_name().to_str() {
@@ -595,7 +709,11 @@ impl Hypervisor for QemuHypervisor {
                     .filter(|o| o.exists())
                     .cloned()
                     .unwrap_or_else(|| base.clone());
-                DiskAttachment { path: Some(top), passthrough: false, location: format!("virtio {i}") }
+                DiskAttachment {
+                    path: Some(top),
+                    passthrough: false,
+                    location: format!("virtio {i}"),
+                }
             })
             .collect();
         let mut config_files = vec![dir.join(DEFINITION_FILE)];
@@ -624,12 +742,17 @@ impl Hypervisor for QemuHypervisor {
             )));
         }
         let dir = self.vm_dir(vm);
-        let millis = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        let millis = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
         let record = CheckpointRecord {
             id: format!("hk-{millis}"),
             consistency,
             bases: def.disks.clone(),
-            overlays: (0..def.disks.len()).map(|i| dir.join(format!("overlay-{i}.qcow2"))).collect(),
+            overlays: (0..def.disks.len())
+                .map(|i| dir.join(format!("overlay-{i}.qcow2")))
+                .collect(),
         };
         for o in &record.overlays {
             remove_if_exists(o)?; // never in use: the record would exist
@@ -649,7 +772,9 @@ impl Hypervisor for QemuHypervisor {
                 let n = a.execute("guest-fsfreeze-freeze", None, FREEZE_TIMEOUT)?;
                 if n.as_u64().unwrap_or(0) == 0 {
                     let _ = a.execute("guest-fsfreeze-thaw", None, FREEZE_TIMEOUT);
-                    return Err(Error::Operation("the guest agent froze no filesystem".into()));
+                    return Err(Error::Operation(
+                        "the guest agent froze no filesystem".into(),
+                    ));
                 }
                 Ok(())
             });
@@ -676,19 +801,29 @@ impl Hypervisor for QemuHypervisor {
                 break;
             }
         }
-        let thaw_err = if consistency == Consistency::Application { self.thaw(vm).err() } else { None };
+        let thaw_err = if consistency == Consistency::Application {
+            self.thaw(vm).err()
+        } else {
+            None
+        };
         if let Some(e) = snap_err {
             // Undo the overlays that were made; the VM keeps running on its original disks.
             let undo = self.merge_record(vm, &record);
             return Err(Error::Operation(format!(
                 "cannot take a checkpoint of {vm}: {e}{}{}",
-                thaw_err.map(|t| format!("; thawing the guest also failed: {t}")).unwrap_or_default(),
-                undo.err().map(|u| format!("; undoing the overlays failed: {u}")).unwrap_or_default()
+                thaw_err
+                    .map(|t| format!("; thawing the guest also failed: {t}"))
+                    .unwrap_or_default(),
+                undo.err()
+                    .map(|u| format!("; undoing the overlays failed: {u}"))
+                    .unwrap_or_default()
             )));
         }
         if let Some(t) = thaw_err {
             let _ = self.merge_record(vm, &record);
-            return Err(Error::Operation(format!("cannot thaw the guest filesystems of {vm}: {t}")));
+            return Err(Error::Operation(format!(
+                "cannot thaw the guest filesystems of {vm}: {t}"
+            )));
         }
         Ok(Checkpoint {
             id: record.id.clone(),
@@ -708,7 +843,9 @@ impl Hypervisor for QemuHypervisor {
         let record = self
             .checkpoint_record(vm)?
             .filter(|r| r.id == checkpoint.id)
-            .ok_or_else(|| Error::NotFound(format!("VM {vm} has no checkpoint {}", checkpoint.id)))?;
+            .ok_or_else(|| {
+                Error::NotFound(format!("VM {vm} has no checkpoint {}", checkpoint.id))
+            })?;
         self.merge_record(vm, &record)?;
         // Change tracking (persistent dirty bitmaps) is not implemented yet: the caller reads
         // whole disks.
@@ -728,7 +865,10 @@ impl Hypervisor for QemuHypervisor {
     fn save_state(&self, vm: &str) -> Result<()> {
         self.require_running(vm, "save the state")?;
         if let Some(r) = self.checkpoint_record(vm)? {
-            return Err(Error::Operation(format!("VM {vm} has checkpoint {} active; release it first", r.id)));
+            return Err(Error::Operation(format!(
+                "VM {vm} has checkpoint {} active; release it first",
+                r.id
+            )));
         }
         let dir = self.vm_dir(vm);
         let state = dir.join(STATE_FILE);
@@ -736,8 +876,14 @@ impl Hypervisor for QemuHypervisor {
         let mut qmp = self.qmp(vm)?;
         qmp.execute("stop", None)?;
         let saved = (|| {
-            qmp.execute("migrate-set-parameters", Some(json!({"mode": "cpr-reboot"})))?;
-            qmp.execute("migrate", Some(json!({"uri": format!("file:{}", state.display())})))?;
+            qmp.execute(
+                "migrate-set-parameters",
+                Some(json!({"mode": "cpr-reboot"})),
+            )?;
+            qmp.execute(
+                "migrate",
+                Some(json!({"uri": format!("file:{}", state.display())})),
+            )?;
             Self::wait_migration(&mut qmp, "saving the VM state")
         })();
         if let Err(e) = saved {
@@ -749,7 +895,9 @@ impl Hypervisor for QemuHypervisor {
         let _ = qmp.execute("quit", None); // the connection may close before the answer
         drop(qmp);
         if !self.wait_exit(vm, Duration::from_secs(30))? {
-            return Err(Error::Timeout(format!("QEMU for {vm} did not exit after saving its state")));
+            return Err(Error::Timeout(format!(
+                "QEMU for {vm} did not exit after saving its state"
+            )));
         }
         Ok(())
     }
@@ -761,13 +909,17 @@ impl Hypervisor for QemuHypervisor {
         }
         let dir = self.vm_dir(vm);
         if !dir.join(SAVED_MARKER).exists() {
-            return Err(Error::Operation(format!("VM {vm} has no saved state to resume")));
+            return Err(Error::Operation(format!(
+                "VM {vm} has no saved state to resume"
+            )));
         }
         self.launch(vm, true)?;
         if let Err(e) = self.resume_inner(vm) {
             // Keep the saved state so a later attempt can still resume.
             let _ = self.kill(vm);
-            return Err(Error::Operation(format!("cannot resume {vm} from its saved state: {e}")));
+            return Err(Error::Operation(format!(
+                "cannot resume {vm} from its saved state: {e}"
+            )));
         }
         remove_if_exists(&dir.join(SAVED_MARKER))?;
         remove_if_exists(&dir.join(STATE_FILE))?;
@@ -811,11 +963,16 @@ impl Hypervisor for QemuHypervisor {
         let deadline = Instant::now() + timeout;
         loop {
             if !self.is_running(vm)? {
-                return Err(Error::Operation(format!("VM {vm} is not running (QEMU exited)")));
+                return Err(Error::Operation(format!(
+                    "VM {vm} is not running (QEMU exited)"
+                )));
             }
             if let Some(marker) = &def.boot_marker {
                 let console = fs::read(self.console_log(vm)).unwrap_or_default();
-                if String::from_utf8_lossy(&console).lines().any(|l| l.trim() == marker) {
+                if String::from_utf8_lossy(&console)
+                    .lines()
+                    .any(|l| l.trim() == marker)
+                {
                     return Ok(true);
                 }
             }
@@ -841,7 +998,9 @@ impl Hypervisor for QemuHypervisor {
         if running {
             // A backup that died between freeze and thaw leaves the guest frozen.
             if let Ok(mut a) = self.agent(vm, AGENT_PROBE_TIMEOUT) {
-                if let Ok(Value::String(s)) = a.execute("guest-fsfreeze-status", None, AGENT_PROBE_TIMEOUT) {
+                if let Ok(Value::String(s)) =
+                    a.execute("guest-fsfreeze-status", None, AGENT_PROBE_TIMEOUT)
+                {
                     if s == "frozen" {
                         a.execute("guest-fsfreeze-thaw", None, FREEZE_TIMEOUT)?;
                         done.push("thawed the guest's frozen filesystems".to_string());
@@ -857,7 +1016,10 @@ impl Hypervisor for QemuHypervisor {
         if let Ok(entries) = fs::read_dir(&dir) {
             for e in entries.flatten() {
                 let n = e.file_name().to_string_lossy().to_string();
-                if n.starts_with("overlay-") && n.ends_with(".qcow2") && remove_if_exists(&e.path())? {
+                if n.starts_with("overlay-")
+                    && n.ends_with(".qcow2")
+                    && remove_if_exists(&e.path())?
+                {
                     done.push(format!("deleted unused overlay {}", e.path().display()));
                 }
             }

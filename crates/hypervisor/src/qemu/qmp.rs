@@ -26,9 +26,15 @@ impl Qmp {
         let deadline = Instant::now() + Duration::from_secs(10);
         let greeting = conn.recv(deadline)?;
         if greeting.get("QMP").is_none() {
-            return Err(Error::Parse(format!("QMP greeting expected, got {greeting}")));
+            return Err(Error::Parse(format!(
+                "QMP greeting expected, got {greeting}"
+            )));
         }
-        let mut qmp = Qmp { conn, next_id: 1, events: Vec::new() };
+        let mut qmp = Qmp {
+            conn,
+            next_id: 1,
+            events: Vec::new(),
+        };
         qmp.execute("qmp_capabilities", None)?;
         Ok(qmp)
     }
@@ -59,7 +65,10 @@ impl Qmp {
                 continue; // an answer to an earlier command we gave up on
             }
             if let Some(err) = v.get("error") {
-                let desc = err.get("desc").and_then(Value::as_str).unwrap_or("(no description)");
+                let desc = err
+                    .get("desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("(no description)");
                 return Err(Error::Operation(format!("QEMU refused {command}: {desc}")));
             }
             return Ok(v.get("return").cloned().unwrap_or(Value::Null));
@@ -84,7 +93,9 @@ impl Qmp {
                 return Ok(self.events.remove(i));
             }
             let v = self.conn.recv(deadline).map_err(|e| match e {
-                Error::Timeout(_) => Error::Timeout(format!("QEMU did not report {name} in {timeout:?}")),
+                Error::Timeout(_) => {
+                    Error::Timeout(format!("QEMU did not report {name} in {timeout:?}"))
+                }
                 other => other,
             })?;
             if v.get("event").is_some() {

@@ -37,7 +37,11 @@ impl JsonLines {
             context: format!("cannot connect to the {what} socket {}", path.display()),
             source: e,
         })?;
-        Ok(JsonLines { stream, pending: Vec::new(), what: what.to_string() })
+        Ok(JsonLines {
+            stream,
+            pending: Vec::new(),
+            what: what.to_string(),
+        })
     }
 
     pub fn send(&mut self, v: &Value) -> Result<()> {
@@ -77,7 +81,10 @@ impl JsonLines {
                     continue;
                 }
                 return serde_json::from_str(text).map_err(|e| {
-                    Error::Parse(format!("{} sent a line that is not JSON ({e}): {text:.200}", self.what))
+                    Error::Parse(format!(
+                        "{} sent a line that is not JSON ({e}): {text:.200}",
+                        self.what
+                    ))
                 });
             }
             self.fill(deadline)?;
@@ -96,13 +103,18 @@ impl JsonLines {
             return Err(Error::Timeout(format!("no answer from the {}", self.what)));
         }
         let wait = (deadline - now).max(Duration::from_millis(1));
-        self.stream.set_read_timeout(Some(wait)).map_err(|e| Error::Io {
-            context: format!("cannot set a timeout on the {} socket", self.what),
-            source: e,
-        })?;
+        self.stream
+            .set_read_timeout(Some(wait))
+            .map_err(|e| Error::Io {
+                context: format!("cannot set a timeout on the {} socket", self.what),
+                source: e,
+            })?;
         let mut buf = [0u8; 8192];
         match self.stream.read(&mut buf) {
-            Ok(0) => Err(Error::Operation(format!("the {} closed the connection", self.what))),
+            Ok(0) => Err(Error::Operation(format!(
+                "the {} closed the connection",
+                self.what
+            ))),
             Ok(n) => {
                 self.pending.extend_from_slice(&buf[..n]);
                 Ok(())
@@ -111,7 +123,10 @@ impl JsonLines {
                 Err(Error::Timeout(format!("no answer from the {}", self.what)))
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => Ok(()),
-            Err(e) => Err(Error::Io { context: format!("cannot read from the {} socket", self.what), source: e }),
+            Err(e) => Err(Error::Io {
+                context: format!("cannot read from the {} socket", self.what),
+                source: e,
+            }),
         }
     }
 }

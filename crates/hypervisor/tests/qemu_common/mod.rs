@@ -23,36 +23,64 @@ pub fn testvm_assets() -> PathBuf {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let dir = String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("").trim().to_string();
+    let dir = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .trim()
+        .to_string();
     let dir = PathBuf::from(dir);
     for f in ["vmlinuz", "initrd.cpio.gz", "disk-template.vhdx"] {
-        assert!(dir.join(f).is_file(), "testvm/build.sh did not produce {}", dir.join(f).display());
+        assert!(
+            dir.join(f).is_file(),
+            "testvm/build.sh did not produce {}",
+            dir.join(f).display()
+        );
     }
     dir
 }
 
 pub fn run(cmd: &mut Command) -> (i32, String) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is the tool installed?)"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is the tool installed?)"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.code().unwrap_or(-1), text)
 }
 
 /// Copy the guest view of a (possibly frozen, possibly in-use-by-QEMU) disk to raw with vdisk.
 pub fn copy_to_raw(src: &Path, dst: &Path) {
     let disk = vdisk::open(src, &vdisk::OpenOptions::default()).expect("vdisk opens the disk");
-    let opts = vdisk::ConvertOptions { format: vdisk::DiskFormat::Raw, fixed: false, block_size: None };
+    let opts = vdisk::ConvertOptions {
+        format: vdisk::DiskFormat::Raw,
+        fixed: false,
+        block_size: None,
+    };
     vdisk::convert(&*disk, dst, &opts, None).expect("vdisk converts the disk");
 }
 
 pub fn e2fsck_clean(raw: &Path) {
     let (code, text) = run(Command::new("e2fsck").arg("-fn").arg(raw));
-    assert_eq!(code, 0, "e2fsck -fn {} is not clean:\n{text}", raw.display());
+    assert_eq!(
+        code,
+        0,
+        "e2fsck -fn {} is not clean:\n{text}",
+        raw.display()
+    );
 }
 
 pub fn e2fsck_repair(raw: &Path) {
     let (code, text) = run(Command::new("e2fsck").arg("-fy").arg(raw));
     // 0: clean, 1: errors corrected (journal replay counts).
-    assert!(code == 0 || code == 1, "e2fsck -fy {} failed ({code}):\n{text}", raw.display());
+    assert!(
+        code == 0 || code == 1,
+        "e2fsck -fy {} failed ({code}):\n{text}",
+        raw.display()
+    );
     e2fsck_clean(raw);
 }
 
@@ -61,21 +89,34 @@ pub fn e2fsck_repair(raw: &Path) {
 pub fn check_records(raw: &Path, scratch: &Path, allow_partial_tail: bool) -> u64 {
     let out = scratch.join("records.txt");
     let _ = std::fs::remove_file(&out);
-    let (code, text) =
-        run(Command::new("debugfs").arg("-R").arg(format!("dump /records.log {}", out.display())).arg(raw));
+    let (code, text) = run(Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("dump /records.log {}", out.display()))
+        .arg(raw));
     assert_eq!(code, 0, "debugfs failed: {text}");
-    let data = std::fs::read(&out).unwrap_or_else(|e| panic!("debugfs wrote no records file ({e}): {text}"));
+    let data = std::fs::read(&out)
+        .unwrap_or_else(|e| panic!("debugfs wrote no records file ({e}): {text}"));
     let mut n = 0u64;
     let mut rest = &data[..];
     while let Some(i) = rest.iter().position(|&b| b == b'\n') {
         let line = std::str::from_utf8(&rest[..i]).expect("record is text");
         n += 1;
         let sum = sha256_hex(format!("hk-record-{n}").as_bytes());
-        assert_eq!(line, format!("rec {n:08} {sum}"), "record {n} is wrong in {}", raw.display());
+        assert_eq!(
+            line,
+            format!("rec {n:08} {sum}"),
+            "record {n} is wrong in {}",
+            raw.display()
+        );
         rest = &rest[i + 1..];
     }
     if !allow_partial_tail {
-        assert!(rest.is_empty(), "{} ends in a partial record: {:?}", raw.display(), String::from_utf8_lossy(rest));
+        assert!(
+            rest.is_empty(),
+            "{} ends in a partial record: {:?}",
+            raw.display(),
+            String::from_utf8_lossy(rest)
+        );
     }
     n
 }
@@ -97,7 +138,10 @@ pub fn sha256_hex(data: &[u8]) -> String {
 /// it is durable on the disk).
 pub fn announced(hv: &QemuHypervisor) -> u64 {
     let text = std::fs::read_to_string(hv.console_log(VM)).unwrap_or_default();
-    text.lines().filter_map(|l| l.trim().strip_prefix("HK-REC ")?.parse().ok()).max().unwrap_or(0)
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("HK-REC ")?.parse().ok())
+        .max()
+        .unwrap_or(0)
 }
 
 pub fn wait_announced(hv: &QemuHypervisor, above: u64) -> u64 {
@@ -107,11 +151,13 @@ pub fn wait_announced(hv: &QemuHypervisor, above: u64) -> u64 {
         if n > above {
             return n;
         }
-        assert!(Instant::now() < deadline, "the guest wrote no records past {above}");
+        assert!(
+            Instant::now() < deadline,
+            "the guest wrote no records past {above}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
-
 
 /// A QEMU hypervisor in a fresh temp dir with one defined (not started) test VM on a copy of the
 /// template disk. Dropping the hypervisor kills the VM.
@@ -124,12 +170,17 @@ pub struct TestVm {
 
 pub fn test_vm() -> TestVm {
     let assets = testvm_assets();
-    let tmp = tempfile::Builder::new().prefix("hkq").tempdir_in("/tmp").unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("hkq")
+        .tempdir_in("/tmp")
+        .unwrap();
     let disk = tmp.path().join("disk.vhdx");
     std::fs::copy(assets.join("disk-template.vhdx"), &disk).unwrap();
     let scratch = tmp.path().join("scratch");
     std::fs::create_dir(&scratch).unwrap();
-    let hv = QemuHypervisor::new(tmp.path().join("run")).unwrap().kill_on_drop(true);
+    let hv = QemuHypervisor::new(tmp.path().join("run"))
+        .unwrap()
+        .kill_on_drop(true);
     hv.define(&VmDefinition {
         name: VM.into(),
         kernel: assets.join("vmlinuz"),
@@ -142,7 +193,12 @@ pub fn test_vm() -> TestVm {
         boot_marker: Some("HK-BOOTED".into()),
     })
     .unwrap();
-    TestVm { tmp, disk, scratch, hv }
+    TestVm {
+        tmp,
+        disk,
+        scratch,
+        hv,
+    }
 }
 
 /// Run a shell command in the guest through the agent's guest-exec (fire and forget).
