@@ -235,6 +235,10 @@ results+=("$r")
 full_raw=$(ls "$WORK/out-full"/*.raw)
 
 if [ "$GUESTFISH" = 1 ]; then
+    # The first libguestfs run builds its appliance (cached in /var/tmp/.guestfs-$UID); build it
+    # outside the measurement so the row shows the steady state.
+    LIBGUESTFS_BACKEND=direct LIBGUESTFS_BACKEND_SETTINGS=force_tcg guestfish -a /dev/null run ||
+        die "guestfish cannot start its appliance (run libguestfs-test-tool; it needs a kernel: apt-get install linux-image-amd64)"
     cold "$WORK/out-full"
     log "guestfish download (direct backend, TCG)"
     r=$(LIBGUESTFS_BACKEND=direct LIBGUESTFS_BACKEND_SETTINGS=force_tcg \
@@ -246,8 +250,15 @@ fi
 rm -rf "$WORK/out-full"
 
 # --- report ---------------------------------------------------------------------------------
-printf '%s\n' "${results[@]}" > "$OUTDIR/granular.jsonl"
-python3 - "$OUTDIR/granular.jsonl" "$file_bytes" "$include_repo_bytes" "$SIZE" "$FILL" "$FILE_SIZE" > "$OUTDIR/granular.md" <<'EOF'
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+REPORT=$OUTDIR/granular-$SIZE-$stamp.md
+printf '%s\n' "${results[@]}" > "$OUTDIR/granular-$SIZE-$stamp.jsonl"
+{
+    echo "Granular restore benchmark, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
+    echo "Machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(free -g | awk '/Mem:/{print $2}') GiB RAM; $("$HK" --version); $(guestfish --version 2>/dev/null || echo 'guestfish not run')"
+    echo
+} > "$REPORT"
+python3 - "$OUTDIR/granular-$SIZE-$stamp.jsonl" "$file_bytes" "$include_repo_bytes" "$SIZE" "$FILL" "$FILE_SIZE" >> "$REPORT" <<'EOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 file_bytes, include_repo = int(sys.argv[2]), int(sys.argv[3])
@@ -277,5 +288,5 @@ if "full" in by:
           f"({classic / g:.0f}× faster). Goal: under 1 s and under 110% of the file read from the "
           f"repository: {'met' if g < 1 and include_repo < 1.1 * file_bytes else 'NOT met'}.")
 EOF
-cat "$OUTDIR/granular.md"
-log "results: $OUTDIR/granular.md, raw: $OUTDIR/granular.jsonl"
+cat "$REPORT"
+log "results: $REPORT (raw measurements beside it, .jsonl)"

@@ -3,7 +3,8 @@
 //! Map: `cli` declares the arguments (clap), `disk` runs the `hyperkeep disk ...` commands,
 //! `repo_cmd` the repository commands (one module per command) with `repo_open` finding the
 //! repository and its password and `progress` drawing progress bars, `granular` the commands on
-//! files inside disks (`ls`, `cat`, `find`, `restore --include`), `output` prints results for
+//! files inside disks (`ls`, `cat`, `find`, `restore --include`), `mount` the read-only FUSE view
+//! of a snapshot's disks and files (`hyperkeep mount`), `output` prints results for
 //! humans or as JSON (errors included), `size` parses sizes such as `32M`.
 
 mod cli;

@@ -20,7 +20,10 @@
 //! loop is single-threaded; every request that may touch the disk is handed to a small worker
 //! pool with its reply, so a slow read does not stall `ls` in another window.
 //!
-//! A damaged image never takes the mount down: a failing read answers `EIO` and is logged.
+//! A damaged image or repository never takes the mount down: a failing read answers `EIO`
+//! (`EOPNOTSUPP` for an encoding hyperkeep cannot decode, such as WOF-compressed files) and the
+//! reason is logged on stderr. The snapshot stays locked (shared) while mounted, so a prune
+//! cannot delete packs under a reader.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -211,6 +214,11 @@ fn errno(e: &guestfs::Error, what: &str) -> i32 {
     match e {
         guestfs::Error::NotFound(_) => libc::ENOENT,
         guestfs::Error::NotADirectory(_) => libc::ENOTDIR,
+        // An encoding we do not decode (e.g. WOF/CompactOS): say so rather than "I/O error".
+        guestfs::Error::Unsupported { .. } => {
+            tracing::warn!("{what}: {e}");
+            libc::EOPNOTSUPP
+        }
         _ => {
             tracing::error!("{what}: {e}");
             libc::EIO

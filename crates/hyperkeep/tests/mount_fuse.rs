@@ -214,7 +214,7 @@ fn build_images(dir: &Path) -> Images {
 
     let ext_img = dir.join("ext.img");
     sh(Command::new("mke2fs")
-        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-d"])
         .arg(&ext_tree)
         .arg(&ext_img)
         .arg(format!("{}M", EXT_LEN / MIB)));
@@ -733,8 +733,8 @@ fn mount_answers_eio_for_a_damaged_chunk_and_stays_up() {
         .unwrap()
         .success());
 
-    // Where the middle of docs/big.bin lies on the disk (debugfs: file block -> volume block),
-    // and which pack holds that chunk.
+    // Where the middle of docs/big.bin lies on the disk (debugfs: file block -> volume block of
+    // 4 KiB, as build_images asks mke2fs for), and which pack holds that chunk.
     let out = Command::new("debugfs")
         .args(["-R", "bmap /docs/big.bin 384"])
         .arg(dir.join("ext.img"))
@@ -758,9 +758,8 @@ fn mount_answers_eio_for_a_damaged_chunk_and_stays_up() {
     let mut bytes = fs::read(&pack).unwrap();
     let at = (loc.offset + u64::from(loc.stored_len) / 2) as usize;
     bytes[at] ^= 0xFF;
-    let mut perms = fs::metadata(&pack).unwrap().permissions();
-    perms.set_readonly(false);
-    fs::set_permissions(&pack, perms).unwrap();
+    // Packs are stored read-only.
+    fs::set_permissions(&pack, fs::Permissions::from_mode(0o600)).unwrap();
     fs::write(&pack, &bytes).unwrap();
 
     let mnt = dir.join("mnt");
@@ -771,13 +770,15 @@ fn mount_answers_eio_for_a_damaged_chunk_and_stays_up() {
     let (mnt2, ext_tree) = (mnt.clone(), img.ext_tree.clone());
     bounded(Duration::from_secs(120), move || {
         let p1 = mnt2.join("vm-disk.vhdx/p1");
-        let e = fs::read(p1.join("docs/big.bin")).unwrap_err();
+        let e = fs::read(p1.join("docs/big.bin"))
+            .map(|v| v.len())
+            .expect_err("a file with a damaged chunk read without an error");
         assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
         // The damaged range of the whole-disk file too.
         let disk = fs::File::open(mnt2.join("vm-disk.vhdx/disk")).unwrap();
         let mut buf = vec![0u8; 4096];
-        let e =
-            std::os::unix::fs::FileExt::read_exact_at(&disk, &mut buf, disk_offset).unwrap_err();
+        let e = std::os::unix::fs::FileExt::read_exact_at(&disk, &mut buf, disk_offset)
+            .expect_err("a damaged chunk of the disk read without an error");
         assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
         // Everything else still reads correctly.
         assert_eq!(

@@ -6,15 +6,24 @@
 
 mod qemu_common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hypervisor::qemu::QemuHypervisor;
-use hypervisor::{Consistency, Hypervisor, VmState};
+use hypervisor::{ChangeToken, Consistency, Hypervisor, VmState};
 use qemu_common::*;
 
-fn live_backup(hv: &QemuHypervisor, disk: &Path, scratch: &Path, consistency: Consistency) -> u64 {
+/// One live backup. With `prev` (the change token and copy of the previous backup), also checks
+/// that the changed ranges QEMU reports cover every block that differs between the two copies.
+/// Returns the copy and the change token for the next backup.
+fn live_backup(
+    hv: &QemuHypervisor,
+    disk: &Path,
+    scratch: &Path,
+    consistency: Consistency,
+    prev: Option<(&ChangeToken, &Path)>,
+) -> (PathBuf, ChangeToken) {
     let before = wait_announced(hv, announced(hv));
     let cp = hv.create_checkpoint(VM, consistency).expect("checkpoint");
     assert_eq!(cp.consistency, consistency);
@@ -28,26 +37,67 @@ fn live_backup(hv: &QemuHypervisor, disk: &Path, scratch: &Path, consistency: Co
     );
     let copy = scratch.join(format!("{consistency:?}.raw"));
     copy_to_raw(&cp.frozen_disks[0], &copy);
+    if let Some((token, prev_copy)) = prev {
+        let ranges = hv
+            .changed_ranges(VM, &cp, 0, token)
+            .expect("changed ranges")
+            .expect("tracking survives while QEMU runs");
+        check_ranges_cover(prev_copy, &copy, &ranges);
+    }
     // The guest keeps writing during the backup.
     wait_announced(hv, announced(hv));
-    assert_eq!(
-        hv.release_checkpoint(VM, &cp, false).expect("release"),
-        None
-    );
+    let token = hv
+        .release_checkpoint(VM, &cp, true)
+        .expect("release")
+        .expect("a change token");
+    assert_eq!(token.id, cp.id);
     let info = hv.vm(VM).unwrap();
     assert!(info.existing_checkpoints.is_empty());
     assert_eq!(info.disks[0].path.as_deref(), Some(disk));
     assert_eq!(info.state, VmState::Running);
+    // Checked on a scratch copy: the copy itself is compared with the next backup's.
+    let fsck = scratch.join("fsck.raw");
+    std::fs::copy(&copy, &fsck).unwrap();
     match consistency {
-        Consistency::Application => e2fsck_clean(&copy),
-        Consistency::Crash => e2fsck_repair(&copy),
+        Consistency::Application => e2fsck_clean(&fsck),
+        Consistency::Crash => e2fsck_repair(&fsck),
     }
-    let n = check_records(&copy, scratch, consistency == Consistency::Crash);
+    let n = check_records(&fsck, scratch, consistency == Consistency::Crash);
     assert!(
         n >= before,
         "{consistency:?} copy holds {n} records, {before} were on disk before the checkpoint"
     );
-    n
+    (copy, token)
+}
+
+/// Every 4 KiB block that differs between two copies lies inside `ranges`, and the ranges are a
+/// small part of the disk (tracking, not "everything changed").
+fn check_ranges_cover(a: &Path, b: &Path, ranges: &[(u64, u64)]) {
+    let a = std::fs::read(a).unwrap();
+    let b = std::fs::read(b).unwrap();
+    assert_eq!(a.len(), b.len());
+    let mut differing = 0;
+    for (i, (x, y)) in a.chunks(4096).zip(b.chunks(4096)).enumerate() {
+        if x != y {
+            differing += 1;
+            let off = i as u64 * 4096;
+            assert!(
+                ranges.iter().any(|&(s, l)| s <= off && off + 4096 <= s + l),
+                "block at {off} changed but is not in the changed ranges {ranges:?}"
+            );
+        }
+    }
+    let total: u64 = ranges.iter().map(|r| r.1).sum();
+    assert!(differing > 0, "the guest wrote nothing between the backups");
+    assert!(
+        total < a.len() as u64 / 4,
+        "changed ranges cover {total} of {} bytes",
+        a.len()
+    );
+    eprintln!(
+        "{differing} blocks differ; changed ranges: {} extents, {total} bytes",
+        ranges.len()
+    );
 }
 
 #[test]
@@ -77,8 +127,19 @@ fn qemu_live_saved_offline_backups() {
     eprintln!("booted after {:?}", started.elapsed());
 
     // Live, application-consistent, then crash-consistent.
-    live_backup(hv, &disk, &scratch, Consistency::Application);
-    live_backup(hv, &disk, &scratch, Consistency::Crash);
+    let (app_copy, token) = live_backup(hv, &disk, &scratch, Consistency::Application, None);
+    let (_, token2) = live_backup(
+        hv,
+        &disk,
+        &scratch,
+        Consistency::Crash,
+        Some((&token, &app_copy)),
+    );
+    // The release dropped the older bitmap: its token no longer answers (tracking lost).
+    let cp = hv.create_checkpoint(VM, Consistency::Crash).unwrap();
+    assert_eq!(hv.changed_ranges(VM, &cp, 0, &token).unwrap(), None);
+    assert!(hv.changed_ranges(VM, &cp, 0, &token2).unwrap().is_some());
+    assert_eq!(hv.release_checkpoint(VM, &cp, false).unwrap(), None);
     eprintln!("live backups done after {:?}", started.elapsed());
 
     // Saved state: every record announced before the save is in the copy; the VM resumes and

@@ -616,6 +616,91 @@ impl QemuHypervisor {
         Ok(done)
     }
 
+    /// Dirty bitmaps on a node.
+    fn bitmaps_of(qmp: &mut Qmp, node: &str) -> Result<Vec<String>> {
+        let nodes = qmp.execute("query-named-block-nodes", Some(json!({"flat": true})))?;
+        let list = nodes.as_array().cloned().unwrap_or_default();
+        let Some(n) = list
+            .iter()
+            .find(|n| n.get("node-name").and_then(Value::as_str) == Some(node))
+        else {
+            return Ok(Vec::new());
+        };
+        Ok(n.get("dirty-bitmaps")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|b| b.get("name").and_then(Value::as_str).map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Remove our (`hk-`) bitmaps from the base nodes, except `keep`.
+    fn drop_bitmaps(qmp: &mut Qmp, disks: usize, keep: Option<&str>) -> Result<()> {
+        for i in 0..disks {
+            let node = format!("base{i}");
+            for b in Self::bitmaps_of(qmp, &node)? {
+                if b.starts_with("hk-") && Some(b.as_str()) != keep {
+                    qmp.execute(
+                        "block-dirty-bitmap-remove",
+                        Some(json!({"node": node, "name": b})),
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The dirty ranges of `bitmap` on `base{i}`. QMP has no command that returns a bitmap's
+    /// bits; the supported way out is an NBD export carrying the bitmap as a metadata context,
+    /// read here with `qemu-img map` (its `x-dirty-bitmap` option reports dirty extents as
+    /// `"data": false`). The export is read-only and exists only while we read.
+    fn read_bitmap(
+        &self,
+        vm: &str,
+        qmp: &mut Qmp,
+        i: usize,
+        bitmap: &str,
+    ) -> Result<Vec<(u64, u64)>> {
+        let sock = self.vm_dir(vm).join("nbd.sock");
+        remove_if_exists(&sock)?;
+        qmp.execute(
+            "nbd-server-start",
+            Some(json!({"addr": {"type": "unix", "data": {"path": sock.display().to_string()}}})),
+        )?;
+        let export = format!("hk{i}");
+        let result = (|| {
+            qmp.execute(
+                "block-export-add",
+                Some(
+                    json!({"type": "nbd", "id": export, "node-name": format!("base{i}"),
+                    "name": export, "writable": false, "bitmaps": [bitmap]}),
+                ),
+            )?;
+            let opts = format!(
+                "driver=nbd,server.type=unix,server.path={},export={export},\
+                 x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}",
+                qemu_escape(&sock)
+            );
+            let out = Command::new(&self.qemu_img)
+                .args(["map", "--output=json", "--image-opts", &opts])
+                .output()
+                .map_err(io_err(format!("cannot run {}", self.qemu_img.display())))?;
+            if !out.status.success() {
+                return Err(Error::Operation(format!(
+                    "reading dirty bitmap {bitmap} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            parse_dirty_map(&out.stdout)
+        })();
+        let _ = qmp.execute("block-export-del", Some(json!({"id": export})));
+        let _ = qmp.execute("nbd-server-stop", None);
+        let _ = remove_if_exists(&sock);
+        result
+    }
+
     fn wait_migration(qmp: &mut Qmp, what: &str) -> Result<()> {
         let deadline = Instant::now() + MIGRATE_TIMEOUT;
         loop {
@@ -656,6 +741,34 @@ impl QemuHypervisor {
         qmp.execute("cont", None)?;
         Ok(())
     }
+}
+
+/// `qemu-img map --output=json` under `x-dirty-bitmap`: extents with `"data": false` are dirty.
+/// Adjacent dirty extents are joined.
+fn parse_dirty_map(json_text: &[u8]) -> Result<Vec<(u64, u64)>> {
+    let v: Value = serde_json::from_slice(json_text)
+        .map_err(|e| Error::Parse(format!("qemu-img map output: {e}")))?;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for e in v
+        .as_array()
+        .ok_or_else(|| Error::Parse("qemu-img map: not an array".into()))?
+    {
+        let (Some(start), Some(len), Some(data)) = (
+            e.get("start").and_then(Value::as_u64),
+            e.get("length").and_then(Value::as_u64),
+            e.get("data").and_then(Value::as_bool),
+        ) else {
+            return Err(Error::Parse(format!("qemu-img map: unexpected entry {e}")));
+        };
+        if data || len == 0 {
+            continue;
+        }
+        match ranges.last_mut() {
+            Some(last) if last.0 + last.1 == start => last.1 += len,
+            _ => ranges.push((start, len)),
+        }
+    }
+    Ok(ranges)
 }
 
 impl Drop for QemuHypervisor {
@@ -785,22 +898,24 @@ impl Hypervisor for QemuHypervisor {
                 )));
             }
         }
-        let mut snap_err = None;
+        // One transaction: every disk's overlay and its change-tracking bitmap appear at the same
+        // instant (or none does). The bitmap sits on the base, which the guest no longer writes
+        // during the checkpoint: it records the commit of the overlay and everything after, i.e.
+        // exactly what changes after this freeze point.
+        let mut actions = Vec::new();
         for (i, overlay) in record.overlays.iter().enumerate() {
-            let r = qmp.execute(
-                "blockdev-snapshot-sync",
-                Some(json!({
-                    "node-name": format!("base{i}"),
-                    "snapshot-file": overlay.display().to_string(),
-                    "snapshot-node-name": format!("ov{i}"),
-                    "format": "qcow2",
-                })),
-            );
-            if let Err(e) = r {
-                snap_err = Some(e);
-                break;
-            }
+            actions.push(json!({"type": "block-dirty-bitmap-add",
+                "data": {"node": format!("base{i}"), "name": record.id}}));
+            actions.push(json!({"type": "blockdev-snapshot-sync", "data": {
+                "node-name": format!("base{i}"),
+                "snapshot-file": overlay.display().to_string(),
+                "snapshot-node-name": format!("ov{i}"),
+                "format": "qcow2",
+            }}));
         }
+        let snap_err = qmp
+            .execute("transaction", Some(json!({"actions": actions})))
+            .err();
         let thaw_err = if consistency == Consistency::Application {
             self.thaw(vm).err()
         } else {
@@ -838,7 +953,7 @@ impl Hypervisor for QemuHypervisor {
         &self,
         vm: &str,
         checkpoint: &Checkpoint,
-        _keep_change_token: bool,
+        keep_change_token: bool,
     ) -> Result<Option<ChangeToken>> {
         let record = self
             .checkpoint_record(vm)?
@@ -847,19 +962,53 @@ impl Hypervisor for QemuHypervisor {
                 Error::NotFound(format!("VM {vm} has no checkpoint {}", checkpoint.id))
             })?;
         self.merge_record(vm, &record)?;
-        // Change tracking (persistent dirty bitmaps) is not implemented yet: the caller reads
-        // whole disks.
-        Ok(None)
+        // Bitmaps of older backups are no longer needed: the next backup asks about this one.
+        let keep = if keep_change_token {
+            Some(record.id.as_str())
+        } else {
+            None
+        };
+        let mut qmp = self.qmp(vm)?;
+        Self::drop_bitmaps(&mut qmp, record.bases.len(), keep)?;
+        Ok(keep.map(|id| ChangeToken {
+            id: id.to_string(),
+            per_disk: vec![id.to_string(); record.bases.len()],
+        }))
     }
 
     fn changed_ranges(
         &self,
-        _vm: &str,
-        _checkpoint: &Checkpoint,
-        _disk_index: usize,
-        _token: &ChangeToken,
+        vm: &str,
+        checkpoint: &Checkpoint,
+        disk_index: usize,
+        token: &ChangeToken,
     ) -> Result<Option<Vec<(u64, u64)>>> {
-        Ok(None)
+        let active = self
+            .checkpoint_record(vm)?
+            .is_some_and(|r| r.id == checkpoint.id);
+        if !active {
+            return Err(Error::Operation(format!(
+                "changed ranges of {vm} can only be asked while checkpoint {} is active",
+                checkpoint.id
+            )));
+        }
+        // QEMU's dirty bitmaps live in the QEMU process (VHDX cannot store persistent ones): a
+        // restart since the last backup lost them, and the caller reads the whole disk.
+        if !self.is_running(vm)? {
+            return Ok(None);
+        }
+        let Some(bitmap) = token.per_disk.get(disk_index) else {
+            return Ok(None);
+        };
+        let mut qmp = self.qmp(vm)?;
+        let node = format!("base{disk_index}");
+        if !Self::bitmaps_of(&mut qmp, &node)?
+            .iter()
+            .any(|b| b == bitmap)
+        {
+            return Ok(None);
+        }
+        self.read_bitmap(vm, &mut qmp, disk_index, bitmap).map(Some)
     }
 
     fn save_state(&self, vm: &str) -> Result<()> {
