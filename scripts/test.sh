@@ -43,7 +43,11 @@ as_root() {
 
 # ---------------------------------------------------------------------------------------------
 section "Setup: system packages"
-APT_PACKAGES=(qemu-utils e2fsprogs fdisk gdisk mtools dosfstools time python3 python3-pip)
+# qemu-utils: the qemu-img/qemu-io oracles; e2fsprogs fdisk gdisk mtools dosfstools ntfs-3g
+# exfatprogs exfat-fuse attr fuse3: building guest filesystem images and the FUSE mount tests;
+# sleuthkit: the independent filesystem oracle; restic: forget-policy comparison.
+APT_PACKAGES=(qemu-utils e2fsprogs fdisk gdisk mtools dosfstools ntfs-3g exfatprogs exfat-fuse
+    attr fuse3 util-linux sleuthkit restic time python3 python3-pip)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -73,6 +77,16 @@ else
     python3 -c 'import pyvhdi' || die "pip installed libvhdi-python but 'import pyvhdi' still fails"
 fi
 
+if python3 -c 'import pyfsntfs' 2>/dev/null; then
+    echo "pyfsntfs present (libfsntfs, the independent NTFS oracle)"
+else
+    pip_install=(python3 -m pip install --no-input --disable-pip-version-check --root-user-action=ignore libfsntfs-python)
+    if ! "${pip_install[@]}"; then
+        "${pip_install[@]}" --break-system-packages
+    fi
+    python3 -c 'import pyfsntfs' || die "pip installed libfsntfs-python but 'import pyfsntfs' still fails"
+fi
+
 # ---------------------------------------------------------------------------------------------
 section "Setup: cargo tools"
 command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup first)"
@@ -84,7 +98,8 @@ cargo fuzz --version >/dev/null 2>&1 || die "cargo-fuzz install did not produce 
 
 # ---------------------------------------------------------------------------------------------
 section "Check: every tool the tests use is present"
-for tool in qemu-img qemu-io mke2fs sfdisk sgdisk mcopy mkfs.vfat python3 cargo rustc; do
+for tool in qemu-img qemu-io mke2fs sfdisk sgdisk mcopy mkfs.vfat mkntfs ntfs-3g mkfs.exfat \
+    fusermount3 setfattr fls icat restic python3 cargo rustc; do
     command -v "$tool" >/dev/null || die "'$tool' not found in PATH after the install steps"
 done
 [ -x /usr/bin/time ] || die "/usr/bin/time not found after installing package 'time'"
