@@ -47,9 +47,9 @@ fetch_deb() { # $1 = package name; prints the path of the .deb
     local f
     f=$(ls "$dl"/"$1"_*.deb 2>/dev/null | head -1 || true)
     if [ -z "$f" ]; then
-        (cd "$dl" && apt-get download -qq "$1" >&2) || {
+        (cd "$dl" && apt-get download -qq -o APT::Sandbox::User=root "$1" >&2) || {
             ensure_backports
-            (cd "$dl" && apt-get download -qq "$1" >&2)
+            (cd "$dl" && apt-get download -qq -o APT::Sandbox::User=root "$1" >&2)
         }
         f=$(ls "$dl"/"$1"_*.deb | head -1)
     fi

@@ -116,7 +116,8 @@ pub enum Command {
     /// Write a file from inside a disk of a snapshot or a disk file to stdout.
     #[command(after_help = PASSWORD_HELP)]
     Cat(CatArgs),
-    /// Find files by name (glob) in every snapshot's disks, newest snapshot first.
+    /// Find files by name (glob) in every snapshot's disks, newest snapshot first (exit 1 if a
+    /// disk or filesystem could not be read to the end).
     #[command(after_help = PASSWORD_HELP)]
     Find(FindArgs),
     /// Remove snapshots by a retention policy (or by id); data is freed by `prune`.

@@ -11,6 +11,11 @@
 //!   resume starts QEMU with `-incoming defer` → `migrate-incoming` → `cont`. (Plain migration is
 //!   refused: the VHDX driver blocks live migration; cpr-reboot needs QEMU ≥ 8.2.)
 //! - offline: `system_powerdown`, wait for QEMU to exit.
+//! - change tracking: each checkpoint adds a dirty bitmap on every base node in the same
+//!   `transaction` as the overlay; the next backup reads it through a short-lived read-only NBD
+//!   export (`qemu-img map` with `x-dirty-bitmap`). The bitmaps live in the QEMU process (VHDX
+//!   cannot hold persistent ones), so a QEMU restart (saved state, offline) loses tracking and
+//!   `changed_ranges` answers `None`.
 //!
 //! Everything about a VM lives in `<runtime_dir>/<name>/`: the definition (`vm.json`), the QMP
 //! and agent sockets, the serial console log, the checkpoint record (`checkpoint.json`, written
@@ -1178,5 +1183,162 @@ impl Hypervisor for QemuHypervisor {
             done.push("deleted an incomplete saved state".into());
         }
         Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn dirty_map_joins_dirty_extents_and_skips_clean_ones() {
+        let text = br#"[{"start": 0, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true},
+            {"start": 65536, "length": 65536, "depth": 0, "present": true, "zero": false, "data": false},
+            {"start": 131072, "length": 131072, "depth": 0, "present": true, "zero": false, "data": false},
+            {"start": 262144, "length": 65536, "depth": 0, "present": true, "zero": false, "data": true},
+            {"start": 327680, "length": 4096, "depth": 0, "present": true, "zero": false, "data": false}]"#;
+        assert_eq!(
+            parse_dirty_map(text).unwrap(),
+            vec![(65536, 196608), (327680, 4096)]
+        );
+        assert!(matches!(parse_dirty_map(b"{}"), Err(Error::Parse(_))));
+        assert!(matches!(
+            parse_dirty_map(b"[{\"start\": 1}]"),
+            Err(Error::Parse(_))
+        ));
+        assert!(matches!(parse_dirty_map(b"not json"), Err(Error::Parse(_))));
+    }
+
+    #[test]
+    fn names_formats_and_escaping() {
+        assert!(check_name("web-01.example_2").is_ok());
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(disk_format(Path::new("/d/a.VHDX")), "vhdx");
+        assert_eq!(disk_format(Path::new("a.vhd")), "vpc");
+        assert_eq!(disk_format(Path::new("a.qcow2")), "qcow2");
+        assert_eq!(disk_format(Path::new("a.img")), "raw");
+        assert_eq!(qemu_escape(Path::new("/a,b/c")), "/a,,b/c");
+    }
+
+    #[test]
+    fn socket_paths_over_the_limit_are_refused() {
+        let tmp = std::env::temp_dir().join("x".repeat(120));
+        let err = Qmp::connect(&tmp.join("qmp.sock")).err().unwrap();
+        assert!(err.to_string().contains("longer than"), "{err}");
+    }
+
+    /// A fake QMP server: greeting, capabilities, an event arriving before a command's answer,
+    /// an answer to a stale id, and an error.
+    #[test]
+    fn qmp_matches_answers_by_id_and_keeps_events() {
+        let dir = tempfile_dir();
+        let sock = dir.join("q.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            r.read_line(&mut line).unwrap();
+            assert!(
+                line.contains("qmp_capabilities") && line.contains(r#""id":1"#),
+                "{line}"
+            );
+            writeln!(w, r#"{{"return": {{}}, "id": 1}}"#).unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            assert!(line.contains("block-commit"), "{line}");
+            writeln!(
+                w,
+                r#"{{"event": "BLOCK_JOB_READY", "data": {{"device": "j"}}}}"#
+            )
+            .unwrap();
+            writeln!(w, r#"{{"return": {{"stale": true}}, "id": 99}}"#).unwrap();
+            writeln!(w, r#"{{"return": {{"ok": 1}}, "id": 2}}"#).unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            writeln!(
+                w,
+                r#"{{"error": {{"class": "GenericError", "desc": "no such job"}}, "id": 3}}"#
+            )
+            .unwrap();
+            line.clear();
+            let _ = r.read_line(&mut line); // wait for the client to go away
+        });
+        let mut qmp = Qmp::connect(&sock).unwrap();
+        assert_eq!(qmp.execute("block-commit", None).unwrap(), json!({"ok": 1}));
+        let ev = qmp
+            .wait_event("BLOCK_JOB_READY", Duration::from_secs(1), |d| {
+                d["device"] == "j"
+            })
+            .unwrap();
+        assert_eq!(ev["data"]["device"], "j");
+        let err = qmp.execute("block-job-complete", None).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "QEMU refused block-job-complete: no such job"
+        );
+        let err = qmp
+            .wait_event("BLOCK_JOB_COMPLETED", Duration::from_millis(200), |_| true)
+            .unwrap_err();
+        assert!(matches!(err, Error::Timeout(_)), "{err}");
+        drop(qmp);
+        server.join().unwrap();
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// The agent channel may hold a stale answer and half a line: everything before the 0xFF of
+    /// the resync answer is dropped, and a non-matching sync id is skipped.
+    #[test]
+    fn agent_resyncs_past_stale_data() {
+        let dir = tempfile_dir();
+        let sock = dir.join("a.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            w.write_all(b"{\"return\": 7}\n{\"retu").unwrap();
+            let mut buf = Vec::new();
+            r.read_until(b'\n', &mut buf).unwrap();
+            assert_eq!(buf[0], 0xff);
+            let req: Value = serde_json::from_slice(&buf[1..]).unwrap();
+            let id = req["arguments"]["id"].as_u64().unwrap();
+            w.write_all(b"\xff{\"return\": 12345}\n").unwrap();
+            let mut ans = vec![0xffu8];
+            ans.extend_from_slice(format!("{{\"return\": {id}}}\n").as_bytes());
+            w.write_all(&ans).unwrap();
+            buf.clear();
+            r.read_until(b'\n', &mut buf).unwrap();
+            assert!(String::from_utf8_lossy(&buf).contains("guest-ping"));
+            w.write_all(b"{\"return\": {}}\n").unwrap();
+            buf.clear();
+            let _ = r.read_until(b'\n', &mut buf);
+        });
+        let mut agent = Agent::connect(&sock, Duration::from_secs(2)).unwrap();
+        assert_eq!(
+            agent
+                .execute("guest-ping", None, Duration::from_secs(2))
+                .unwrap(),
+            json!({})
+        );
+        drop(agent);
+        server.join().unwrap();
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let d = std::env::temp_dir().join(format!("hkqmp-{}-{nanos}", std::process::id()));
+        fs::create_dir_all(&d).unwrap();
+        d
     }
 }
