@@ -285,7 +285,11 @@ mod tests {
             let (table, results) = exercise_partitions(disk, &mut FsBudget::default())
                 .unwrap_or_else(|e| panic!("seed {}: no partition table: {e}", path.display()));
             tables.insert(format!("{:?}", table.kind));
-            assert!(!results.is_empty(), "seed {}: no partitions", path.display());
+            assert!(
+                !results.is_empty(),
+                "seed {}: no partitions",
+                path.display()
+            );
             for (part, r) in table.partitions.iter().zip(&results) {
                 let stats = r.as_ref().unwrap_or_else(|e| {
                     panic!("seed {} partition {}: {e}", path.display(), part.index)

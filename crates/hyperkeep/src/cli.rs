@@ -165,6 +165,13 @@ pub enum Command {
         #[arg(long)]
         remove_all: bool,
     },
+    /// Per VM, the backup mode that will be used and why: each requirement met or missing
+    /// (exit 1 if some VM cannot be backed up).
+    Preflight(crate::job_cmd::PreflightArgs),
+    /// Run a backup job file: every VM in its mode, then retention and prune (exit 1 if a VM
+    /// failed).
+    #[command(after_help = PASSWORD_HELP)]
+    Run(crate::job_cmd::RunArgs),
     /// Show a snapshot's (or a disk file's) disks, partitions and guest files read-only under a
     /// directory (FUSE), until unmounted (`fusermount3 -u DIR`) or Ctrl-C.
     #[command(after_help = PASSWORD_HELP)]
@@ -198,8 +205,11 @@ pub struct BackupArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub threads: usize,
     /// The VM's disks and files.
-    #[arg(required = true, value_name = "PATH")]
+    #[arg(required_unless_present = "config", value_name = "PATH")]
     pub paths: Vec<PathBuf>,
+    /// Instead of PATHs: back the VM up through the hypervisor of this job file, in its mode.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["paths", "changes_from", "parent"])]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -10,6 +10,7 @@
 mod cli;
 mod disk;
 mod granular;
+mod job_cmd;
 mod mount;
 mod output;
 mod progress;

@@ -157,9 +157,10 @@ pub struct RetentionConfig {
 impl RetentionConfig {
     pub fn policy(&self) -> Result<KeepPolicy> {
         let within = match &self.keep_within {
-            Some(w) => Some(KeepDuration::parse(w).map_err(|e| {
-                Error::Config(format!("[retention] keep_within = {w:?}: {e}"))
-            })?),
+            Some(w) => Some(
+                KeepDuration::parse(w)
+                    .map_err(|e| Error::Config(format!("[retention] keep_within = {w:?}: {e}")))?,
+            ),
             None => None,
         };
         Ok(KeepPolicy {
@@ -208,18 +209,29 @@ impl JobConfig {
     fn validate(&self, origin: &str) -> Result<()> {
         let err = |m: String| Err(Error::Config(format!("{origin}: {m}")));
         if self.vms.is_empty() {
-            return err("no [[vm]] table: name at least one VM (name = \"...\" or pattern = \"*\")".into());
+            return err(
+                "no [[vm]] table: name at least one VM (name = \"...\" or pattern = \"*\")".into(),
+            );
         }
         for (i, v) in self.vms.iter().enumerate() {
             match (&v.name, &v.pattern) {
                 (Some(_), Some(_)) => {
-                    return err(format!("[[vm]] number {}: give name or pattern, not both", i + 1))
+                    return err(format!(
+                        "[[vm]] number {}: give name or pattern, not both",
+                        i + 1
+                    ))
                 }
                 (None, None) => {
-                    return err(format!("[[vm]] number {}: needs name = \"VM\" or pattern = \"glob*\"", i + 1))
+                    return err(format!(
+                        "[[vm]] number {}: needs name = \"VM\" or pattern = \"glob*\"",
+                        i + 1
+                    ))
                 }
                 (Some(n), None) | (None, Some(n)) if n.trim().is_empty() => {
-                    return err(format!("[[vm]] number {}: the name or pattern is empty", i + 1))
+                    return err(format!(
+                        "[[vm]] number {}: the name or pattern is empty",
+                        i + 1
+                    ))
                 }
                 _ => {}
             }
@@ -230,7 +242,10 @@ impl JobConfig {
         if let Some(r) = &self.retention {
             let p = r.policy()?;
             if p.is_empty() {
-                return err("[retention] has no keep_* rule; remove the table or add e.g. keep_daily = 7".into());
+                return err(
+                    "[retention] has no keep_* rule; remove the table or add e.g. keep_daily = 7"
+                        .into(),
+                );
             }
         }
         if let Some(r) = &self.repository {

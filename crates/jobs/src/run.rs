@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use hypervisor::strategy::{self, Method, Mode, OnCheckpointFailure, Plan};
-use hypervisor::{Checkpoint, ChangeToken, Consistency, Hypervisor, VmInfo, VmState};
+use hypervisor::{ChangeToken, Checkpoint, Consistency, Hypervisor, VmInfo, VmState};
 use repo::backend::ObjectKind;
 use repo::backup::{BackupOptions, Progress};
 use repo::forget::KeepPolicy;
@@ -165,7 +165,8 @@ fn store(
         consistency: Some(rec.consistency),
         ..BackupOptions::default()
     };
-    repo::backup::backup(repo, &bo, progress).map_err(|e| format!("backup of VM '{vm}' failed: {e}"))
+    repo::backup::backup(repo, &bo, progress)
+        .map_err(|e| format!("backup of VM '{vm}' failed: {e}"))
 }
 
 /// Store a copy of snapshot `id` with `downtime_ms`/`booted` set, then remove the original.
@@ -310,8 +311,9 @@ pub fn backup_vm(
     match hv.cleanup_leftovers(&info.name) {
         Ok(removed) => {
             for r in &removed {
-                out.warnings
-                    .push(format!("removed {r}, left behind by an earlier failed backup"));
+                out.warnings.push(format!(
+                    "removed {r}, left behind by an earlier failed backup"
+                ));
             }
             out.cleaned_up = removed;
         }
@@ -447,7 +449,12 @@ fn live(
     } else {
         cp.config_files.clone()
     };
-    let paths: Vec<_> = cp.frozen_disks.iter().cloned().chain(config_files).collect();
+    let paths: Vec<_> = cp
+        .frozen_disks
+        .iter()
+        .cloned()
+        .chain(config_files)
+        .collect();
     let rec = Record {
         method: "live",
         consistency: consistency.into(),
@@ -500,8 +507,9 @@ fn saved_state(
 ) -> std::result::Result<(), String> {
     let name = info.name.as_str();
     let t0 = Instant::now();
-    hv.save_state(name)
-        .map_err(|e| format!("saving the state of VM '{name}' failed: {e}; nothing was backed up"))?;
+    hv.save_state(name).map_err(|e| {
+        format!("saving the state of VM '{name}' failed: {e}; nothing was backed up")
+    })?;
     out.consistency = Some("saved-state".into());
     let rec = Record {
         method: "saved-state",
@@ -515,7 +523,10 @@ fn saved_state(
     out.downtime_ms = Some(downtime);
     let stored = stored.and_then(|(id, _)| {
         amend_snapshot(repo, &id, Some(downtime), None).map_err(|e| {
-            format!("snapshot {} was saved but recording its downtime failed: {e}", short_id(&id))
+            format!(
+                "snapshot {} was saved but recording its downtime failed: {e}",
+                short_id(&id)
+            )
         })
     });
     match (stored, resumed) {
@@ -550,7 +561,8 @@ fn offline(
     if let Err(e) = hv.shutdown(name, opts.shutdown_timeout) {
         // A failed shutdown normally leaves the VM running; if it did go off, start it again so
         // it ends as it was.
-        let mut msg = format!("graceful shutdown of VM '{name}' failed: {e}; nothing was backed up");
+        let mut msg =
+            format!("graceful shutdown of VM '{name}' failed: {e}; nothing was backed up");
         if let Ok(v) = hv.vm(name) {
             if v.state == VmState::Off {
                 match hv.start(name) {
@@ -706,10 +718,24 @@ pub fn select(
                 continue;
             }
             if !all.iter().any(|v| v.name.eq_ignore_ascii_case(n)) {
+                let mut names: Vec<&str> = all.iter().map(|v| v.name.as_str()).take(11).collect();
+                let more = if names.len() > 10 {
+                    names.truncate(10);
+                    ", ..."
+                } else {
+                    ""
+                };
                 missing.push(VmOutcome::failed(
                     n,
                     sel.mode,
-                    format!("no VM named '{n}' on this {} host", "hypervisor"),
+                    if names.is_empty() {
+                        format!("no VM named '{n}': the hypervisor lists no VMs")
+                    } else {
+                        format!(
+                            "no VM named '{n}'; the hypervisor lists: {}{more}",
+                            names.join(", ")
+                        )
+                    },
                 ));
             }
         }

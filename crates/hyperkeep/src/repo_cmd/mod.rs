@@ -73,6 +73,8 @@ pub fn run(cli: &Cli) -> Result<u8> {
         } => diff::run(cli, snapshot1, snapshot2, vm.as_deref()),
         Command::Key(cmd) => key::run(cli, cmd),
         Command::Unlock { remove_all } => unlock::run(cli, *remove_all),
+        Command::Preflight(args) => crate::job_cmd::preflight::run(cli, args),
+        Command::Run(args) => crate::job_cmd::run::run(cli, args),
         Command::Mount {
             source,
             mountpoint,

@@ -71,6 +71,54 @@ pub struct VmDefinition {
     pub boot_marker: Option<String>,
 }
 
+/// The line the test VM of `testvm/` prints on its console once it writes records.
+pub const TESTVM_BOOT_MARKER: &str = "HK-BOOTED";
+
+/// The definition of the test VM built by `testvm/build.sh` (its output directory is
+/// `assets_dir`): TCG, 256 MiB, serial console, the boot marker above.
+pub fn testvm_definition(name: &str, assets_dir: &Path, disks: Vec<PathBuf>) -> VmDefinition {
+    VmDefinition {
+        name: name.into(),
+        kernel: assets_dir.join("vmlinuz"),
+        initrd: Some(assets_dir.join("initrd.cpio.gz")),
+        append: "console=ttyS0 quiet panic=-1".into(),
+        disks,
+        memory_mib: 256,
+        cpus: 1,
+        accel: "tcg".into(),
+        boot_marker: Some(TESTVM_BOOT_MARKER.into()),
+    }
+}
+
+/// Run `testvm/build.sh` of the repository at `repo_root` (idempotent; needs root the first time)
+/// and return its output directory. The error carries the script's output.
+pub fn build_testvm(repo_root: &Path) -> Result<PathBuf> {
+    let script = repo_root.join("testvm/build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .map_err(io_err(format!("cannot run {}", script.display())))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(Error::Operation(format!(
+            "{} failed (it needs root for apt the first time):\n{stdout}\n{}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let dir = PathBuf::from(stdout.lines().last().unwrap_or("").trim());
+    for f in ["vmlinuz", "initrd.cpio.gz", "disk-template.vhdx"] {
+        if !dir.join(f).is_file() {
+            return Err(Error::Operation(format!(
+                "{} did not produce {}",
+                script.display(),
+                dir.join(f).display()
+            )));
+        }
+    }
+    Ok(dir)
+}
+
 fn one() -> u32 {
     1
 }

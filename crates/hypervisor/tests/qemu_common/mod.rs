@@ -6,38 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use hypervisor::qemu::{QemuHypervisor, VmDefinition};
+use hypervisor::qemu::{build_testvm, testvm_definition, QemuHypervisor};
 
 pub const VM: &str = "t1";
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 
 pub fn testvm_assets() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testvm/build.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "testvm/build.sh failed (it needs root for apt the first time):\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let dir = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or("")
-        .trim()
-        .to_string();
-    let dir = PathBuf::from(dir);
-    for f in ["vmlinuz", "initrd.cpio.gz", "disk-template.vhdx"] {
-        assert!(
-            dir.join(f).is_file(),
-            "testvm/build.sh did not produce {}",
-            dir.join(f).display()
-        );
-    }
-    dir
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    build_testvm(&repo).unwrap_or_else(|e| panic!("{e}"))
 }
 
 pub fn run(cmd: &mut Command) -> (i32, String) {
@@ -181,18 +157,8 @@ pub fn test_vm() -> TestVm {
     let hv = QemuHypervisor::new(tmp.path().join("run"))
         .unwrap()
         .kill_on_drop(true);
-    hv.define(&VmDefinition {
-        name: VM.into(),
-        kernel: assets.join("vmlinuz"),
-        initrd: Some(assets.join("initrd.cpio.gz")),
-        append: "console=ttyS0 quiet panic=-1".into(),
-        disks: vec![disk.clone()],
-        memory_mib: 256,
-        cpus: 1,
-        accel: "tcg".into(),
-        boot_marker: Some("HK-BOOTED".into()),
-    })
-    .unwrap();
+    hv.define(&testvm_definition(VM, &assets, vec![disk.clone()]))
+        .unwrap();
     TestVm {
         tmp,
         disk,

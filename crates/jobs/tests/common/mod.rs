@@ -41,7 +41,12 @@ impl Env {
         )
         .unwrap();
         let disk = dir.path().join("sys.vhdx");
-        let mut d = vdisk::create(&disk, &CreateOptions::new(DiskFormat::Vhdx, DISK_SIZE)).unwrap();
+        // 1 MiB blocks, so the allocated ranges are exactly the chunks written.
+        let copts = CreateOptions {
+            block_size: Some(MIB as u32),
+            ..CreateOptions::new(DiskFormat::Vhdx, DISK_SIZE)
+        };
+        let mut d = vdisk::create(&disk, &copts).unwrap();
         d.write_at(&pattern(64 * 1024, 1), 0).unwrap();
         d.write_at(&pattern(128 * 1024, 2), 3 * MIB + 4096).unwrap();
         d.flush().unwrap();
@@ -57,7 +62,14 @@ impl Env {
     }
 
     pub fn write_disk(&self, offset: u64, data: &[u8]) {
-        let mut d = vdisk::open_mut(&self.disk, &OpenOptions { writable: true, ..OpenOptions::default() }).unwrap();
+        let mut d = vdisk::open_mut(
+            &self.disk,
+            &OpenOptions {
+                writable: true,
+                ..OpenOptions::default()
+            },
+        )
+        .unwrap();
         d.write_at(data, offset).unwrap();
         d.flush().unwrap();
     }
