@@ -9,6 +9,9 @@
 # Cases, each run RUNS times (default 3), interleaved, median reported:
 #   to raw:  hyperkeep disk convert IN out.raw --to raw    vs  qemu-img convert -O raw
 #   to vhdx: hyperkeep disk convert IN out.vhdx --to vhdx  vs  qemu-img convert -O vhdx -o subformat=dynamic
+# Both tools make their output durable before they exit: hyperkeep always fsyncs; qemu-img's
+# default output cache mode (unsafe) skips the flush, so it runs with -t writeback, which flushes
+# on close. Comparing a durable write with one still in the page cache would measure nothing.
 # Measured with /usr/bin/time: wall seconds and peak RSS. Every output is verified against the
 # input with `qemu-img compare`. The report (markdown) goes to stdout and bench/out/.
 #
@@ -78,9 +81,9 @@ in_alloc=$(du -k "$IN" | cut -f1)
 cmd_for() { # case tool out
     case "$1/$2" in
     raw/hk) echo "$HK disk convert $IN $3 --to raw" ;;
-    raw/qemu) echo "qemu-img convert -f vhdx -O raw $IN $3" ;;
+    raw/qemu) echo "qemu-img convert -t writeback -f vhdx -O raw $IN $3" ;;
     vhdx/hk) echo "$HK disk convert $IN $3 --to vhdx" ;;
-    vhdx/qemu) echo "qemu-img convert -f vhdx -O vhdx -o subformat=dynamic $IN $3" ;;
+    vhdx/qemu) echo "qemu-img convert -t writeback -f vhdx -O vhdx -o subformat=dynamic $IN $3" ;;
     esac
 }
 

@@ -7,7 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 const EXIT_CODES: &str = "\
 Exit codes:
   0   success
-  1   problems found (check, disk check)
+  1   problems found (check, disk check), a VM failed (run) or can't be backed up (preflight)
   2   error (bad arguments, unreadable file, failed operation, damaged data)
   10  no repository at the location
   11  the repository is locked

@@ -18,8 +18,8 @@ fn args_of(vm: &SourceVm) -> Vec<String> {
 fn two_backups_at_once_both_succeed() {
     let env = Env::new();
     env.init();
-    let a = SourceVm::create(env.path(), "vma", 96 * MIB, 48 * MIB, 21);
-    let b = SourceVm::create(env.path(), "vmb", 96 * MIB, 48 * MIB, 22);
+    let a = SourceVm::create(env.path(), "vma", 64 * MIB, 24 * MIB, 21);
+    let b = SourceVm::create(env.path(), "vmb", 64 * MIB, 24 * MIB, 22);
     // vmc holds the same disk content as vma: both runs find the same new chunks at once.
     std::fs::create_dir_all(env.path().join("vmc")).unwrap();
     let c_disk = env.path().join("vmc/vma-disk.vhdx");

@@ -184,8 +184,14 @@ impl JobConfig {
             Error::Config(format!("cannot read the job file {}: {e}", path.display()))
         })?;
         let mut cfg = Self::parse(&text, &path.display().to_string())?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        cfg.resolve_paths(base);
+        // Absolute, so that paths handed to other processes (QEMU) mean the same from any
+        // working directory.
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let base = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
+        cfg.resolve_paths(&base);
         cfg.path = Some(path.to_path_buf());
         Ok(cfg)
     }

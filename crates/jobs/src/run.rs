@@ -327,7 +327,20 @@ pub fn backup_vm(
     }
 
     let result = match plan.method {
-        Method::Live => live(hv, repo, &info, &plan, opts, progress, &mut out),
+        Method::Live => match live(hv, repo, &info, &plan, opts, progress, &mut out) {
+            Ok(()) => Ok(()),
+            // Where the hypervisor cannot checkpoint this VM, auto means saved state (the
+            // article's fallback; Hyper-V does the same).
+            Err(LiveFailure::NoCheckpoint(reason)) if opts.mode == Mode::Auto => {
+                out.warnings.push(format!(
+                    "{reason}; auto mode: falling back to a saved-state backup (a short pause of the VM)"
+                ));
+                out.method = Some(Method::SavedState);
+                out.consistency = None;
+                saved_state(hv, repo, &info, opts, progress, &mut out)
+            }
+            Err(LiveFailure::NoCheckpoint(e) | LiveFailure::Other(e)) => Err(e),
+        },
         Method::SavedState => saved_state(hv, repo, &info, opts, progress, &mut out),
         Method::Shutdown => offline(hv, repo, &info, opts, progress, &mut out),
         Method::AsIs => {
@@ -359,6 +372,13 @@ pub fn backup_vm(
     out
 }
 
+/// Why a live backup failed: no checkpoint could be taken (nothing was done to the VM), or
+/// something after it.
+enum LiveFailure {
+    NoCheckpoint(String),
+    Other(String),
+}
+
 fn live(
     hv: &dyn Hypervisor,
     repo: &Repository,
@@ -367,7 +387,7 @@ fn live(
     opts: &VmOptions,
     progress: &dyn Progress,
     out: &mut VmOutcome,
-) -> std::result::Result<(), String> {
+) -> std::result::Result<(), LiveFailure> {
     let name = info.name.as_str();
     let first = plan.consistency.unwrap_or(Consistency::Crash);
     let cp = match hv.create_checkpoint(name, first) {
@@ -382,13 +402,15 @@ fn live(
                         Ok(cp) => cp,
                         Err(e2) => {
                             after_failed_checkpoint(hv, name, out);
-                            return Err(format!(
+                            return Err(LiveFailure::NoCheckpoint(format!(
                                 "crash-consistent checkpoint of VM '{name}' failed too: {e2}"
-                            ));
+                            )));
                         }
                     }
                 }
-                OnCheckpointFailure::Fail { reason } => return Err(reason),
+                OnCheckpointFailure::Fail { reason } => {
+                    return Err(LiveFailure::NoCheckpoint(reason))
+                }
             }
         }
     };
@@ -479,12 +501,12 @@ fn live(
                 short_id(&id)
             );
             out.snapshot = Some(id);
-            Err(msg)
+            Err(LiveFailure::Other(msg))
         }
-        (Err(b), Ok(_)) => Err(b),
-        (Err(b), Err(e)) => Err(format!(
+        (Err(b), Ok(_)) => Err(LiveFailure::Other(b)),
+        (Err(b), Err(e)) => Err(LiveFailure::Other(format!(
             "{b}; releasing the checkpoint failed too: {e} (the next run removes it)"
-        )),
+        ))),
     }
 }
 
@@ -682,6 +704,8 @@ pub struct JobOptions {
     pub only_vm: Option<String>,
     pub retry_delay: Option<Duration>,
     pub threads: usize,
+    /// Tags added to every snapshot (beside each `[[vm]]`'s own).
+    pub extra_tags: BTreeMap<String, String>,
 }
 
 /// The VMs a job selects from `all`, each with its options; selectors by name that match no VM
@@ -774,6 +798,8 @@ pub fn run_job(
     for (vm, mut opts) in chosen {
         opts.retry_delay = jo.retry_delay;
         opts.threads = jo.threads;
+        opts.tags
+            .extend(jo.extra_tags.iter().map(|(k, v)| (k.clone(), v.clone())));
         opts.previous = state.vms.get(&vm.name).cloned();
         tracing::info!(vm = %vm.name, mode = mode_name(opts.mode), "backing up");
         let mut out = backup_vm(hv, repo, &vm, &opts, progress);

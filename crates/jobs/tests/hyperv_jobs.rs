@@ -552,3 +552,56 @@ fn lost_change_tracking_reads_in_full() {
         .iter()
         .any(|w| w.contains("change tracking was lost")));
 }
+
+fn no_checkpoint_runner(env: &Env) -> CannedRunner {
+    CannedRunner::new()
+        .respond(Op::Inventory, inventory(&[healthy(env, "Running")]))
+        .respond(Op::CleanupLeftovers, no_leftovers())
+        .respond(
+            Op::CreateCheckpoint,
+            PsOutput::failed("The operation is not supported for this virtual machine"),
+        )
+        .respond(Op::SaveVm, PsOutput::ok(r#"{"State":"Saved"}"#))
+        .respond(Op::StartVm, PsOutput::ok(r#"{"State":"Running"}"#))
+}
+
+#[test]
+fn auto_falls_back_to_saved_state_when_no_checkpoint_is_possible() {
+    let env = Env::new();
+    let (out, r) = backup(&env, no_checkpoint_runner(&env), Mode::Auto);
+    assert!(out.ok(), "{out:?}");
+    assert_eq!(out.method, Some(Method::SavedState));
+    assert!(
+        out.warnings
+            .iter()
+            .any(|w| w.contains("falling back to a saved-state backup")),
+        "{:?}",
+        out.warnings
+    );
+    assert_eq!(
+        ops(&r),
+        [
+            Op::Inventory,
+            Op::CleanupLeftovers,
+            Op::CreateCheckpoint,
+            Op::CleanupLeftovers,
+            Op::CreateCheckpoint,
+            Op::CleanupLeftovers,
+            Op::SaveVm,
+            Op::StartVm
+        ]
+    );
+    let snap = &env.snapshots()[0].1;
+    assert_eq!(snap.mode.as_deref(), Some("saved-state"));
+    assert!(snap.downtime_ms.is_some());
+}
+
+#[test]
+fn live_mode_does_not_pause_the_vm_when_no_checkpoint_is_possible() {
+    let env = Env::new();
+    let (out, r) = backup(&env, no_checkpoint_runner(&env), Mode::Live);
+    assert!(!out.ok());
+    assert!(out.error.as_deref().unwrap().contains("failed"), "{out:?}");
+    assert!(!ops(&r).contains(&Op::SaveVm));
+    assert!(env.snapshots().is_empty());
+}

@@ -92,6 +92,12 @@ pub fn open_repo(cli: &Cli, cfg: &jobs::JobConfig) -> Result<Repository> {
 }
 
 /// `hyperkeep backup --vm NAME --config FILE`: that VM, as the job file says.
-pub fn backup_vm(cli: &Cli, vm: &str, config: &Path, threads: usize) -> Result<u8> {
-    run::run_job(cli, config, Some(vm), threads)
+pub fn backup_vm(
+    cli: &Cli,
+    vm: &str,
+    config: &Path,
+    threads: usize,
+    tags: &[(String, String)],
+) -> Result<u8> {
+    run::run_job(cli, config, Some(vm), threads, tags)
 }

@@ -10,10 +10,16 @@ use crate::cli::Cli;
 use crate::progress::Bar;
 
 pub fn run(cli: &Cli, args: &RunArgs) -> Result<u8> {
-    run_job(cli, &args.job, args.vm.as_deref(), args.threads)
+    run_job(cli, &args.job, args.vm.as_deref(), args.threads, &[])
 }
 
-pub fn run_job(cli: &Cli, job: &Path, only_vm: Option<&str>, threads: usize) -> Result<u8> {
+pub fn run_job(
+    cli: &Cli,
+    job: &Path,
+    only_vm: Option<&str>,
+    threads: usize,
+    tags: &[(String, String)],
+) -> Result<u8> {
     let cfg = super::load_job(job)?;
     let hv = jobs::connect(&cfg.hypervisor).map_err(err)?;
     let repo = super::open_repo(cli, &cfg)?;
@@ -21,6 +27,7 @@ pub fn run_job(cli: &Cli, job: &Path, only_vm: Option<&str>, threads: usize) -> 
     let opts = jobs::run::JobOptions {
         only_vm: only_vm.map(str::to_string),
         threads,
+        extra_tags: tags.iter().cloned().collect(),
         ..Default::default()
     };
     let report = jobs::run_job(&cfg, hv.as_ref(), &repo, &opts, &bar).map_err(err)?;

@@ -26,7 +26,7 @@ impl Progress for Bar {
 
 pub fn run(cli: &Cli, args: &BackupArgs) -> Result<u8> {
     if let Some(config) = &args.config {
-        return crate::job_cmd::backup_vm(cli, &args.vm, config, args.threads);
+        return crate::job_cmd::backup_vm(cli, &args.vm, config, args.threads, &args.tags);
     }
     let repo = repo_open::open(cli)?;
     // Shared: other backups may run beside this one, prune (exclusive) may not.
