@@ -8,7 +8,8 @@
 #      qemu-io and libvhdi; they fail loudly if a tool is missing);
 #   2. the fuzz crate's own tests;
 #   3. each cargo-fuzz target for FUZZ_SECONDS (default 60), starting from the committed seed
-#      corpus; any crash, timeout or out-of-memory fails the run.
+#      corpus and the inputs that once crashed it (fuzz/regressions/<target>); any crash,
+#      timeout or out-of-memory fails the run.
 #
 # Environment knobs:
 #   FUZZ_SECONDS=N   seconds per fuzz target (default 60; 0 skips fuzzing: local use only)
@@ -21,7 +22,7 @@ ROOT=$(pwd)
 export DEBIAN_FRONTEND=noninteractive
 export PATH="$HOME/.cargo/bin:$PATH"
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
-FUZZ_TARGETS=(vhdx_open vhd_open)
+FUZZ_TARGETS=(vhdx_open vhd_open guestfs_open partitions)
 ONLY=${ONLY:-}
 START=$SECONDS
 
@@ -97,6 +98,12 @@ fi
 cargo fuzz --version >/dev/null 2>&1 || die "cargo-fuzz install did not produce a working 'cargo fuzz'"
 
 # ---------------------------------------------------------------------------------------------
+section "Setup: the QEMU test VM (qemu-system-x86, kernel, busybox initramfs, guest agent)"
+# Built here, once, before the tests: the VM tests run in parallel and must not race on apt.
+as_root bash testvm/build.sh >/dev/null || die "testvm/build.sh failed (see its output above)"
+command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 missing after testvm/build.sh"
+
+# ---------------------------------------------------------------------------------------------
 section "Check: every tool the tests use is present"
 for tool in qemu-img qemu-io mke2fs sfdisk sgdisk mcopy mkfs.vfat mkntfs ntfs-3g mkfs.exfat \
     fusermount3 setfattr fls icat restic python3 cargo rustc; do
@@ -158,7 +165,10 @@ fuzz_target() { # TARGET: run one cargo-fuzz target for FUZZ_SECONDS from the co
     # show the summary, or on failure the end of the log with the crash report.
     scratch=$(mktemp -d)
     log=$scratch.log
-    if cargo fuzz run --fuzz-dir fuzz "$t" "$scratch" "$seeds" -- \
+    # Inputs that once crashed the target start every run too (fuzz/README.md, Regressions).
+    local extra=()
+    [ -d "fuzz/regressions/$t" ] && extra=("fuzz/regressions/$t")
+    if cargo fuzz run --fuzz-dir fuzz "$t" "$scratch" "$seeds" "${extra[@]}" -- \
         -max_total_time="$FUZZ_SECONDS" -max_len=262144 -timeout=30 \
         -rss_limit_mb=2048 -malloc_limit_mb=256 -print_final_stats=1 </dev/null >"$log" 2>&1; then
         grep -E '^(INFO: seed corpus|#[0-9]+[[:space:]]+(INITED|DONE)|Done |stat::)' "$log" || true
