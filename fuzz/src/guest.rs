@@ -310,10 +310,9 @@ mod tests {
     }
 
     /// Inputs that once crashed a target (fuzz/regressions/<target>/): each must now run
-    /// through the target's code without a panic. Ignored while the bugs they show are open in
-    /// guestfs (the README lists them): run with `cargo test --lib -- --ignored` to see them.
+    /// through the target's code without a panic (this test build has overflow checks on, as
+    /// the fuzz build has).
     #[test]
-    #[ignore = "fuzz/regressions hold guestfs bugs not fixed yet (fuzz/README.md)"]
     fn regressions_do_not_panic() {
         let mut n = 0;
         for (path, bytes) in inputs("regressions/guestfs_open") {

@@ -326,7 +326,9 @@ impl ExfatFs {
 
     fn runs_of(&self, first: u32, no_fat_chain: bool, len: u64) -> Result<Arc<ClusterRuns>> {
         let clusters = len.div_ceil(self.cluster_size);
-        self.runs.get_or((first, len << 1 | no_fat_chain as u64), || {
+        // The runs depend only on the cluster count (below 2^55: the cluster size is at least
+        // 512), so the key is exact, where `len << 1` would drop len's top bit.
+        self.runs.get_or((first, clusters << 1 | no_fat_chain as u64), || {
             let runs = if no_fat_chain {
                 let last = first as u64 + clusters;
                 if !self.fat.valid_cluster(first)
@@ -387,6 +389,16 @@ impl ExfatFs {
         } else {
             self.node(dir)?.data_len
         };
+        // Check before allocating: a chain that ends early must not cost the claimed size.
+        if runs.bytes() < len {
+            return Err(Error::corrupt(
+                FS,
+                format!(
+                    "directory of {len} bytes has only {} bytes of clusters",
+                    runs.bytes()
+                ),
+            ));
+        }
         let mut buf = vec![0u8; len as usize];
         runs.read(&self.vol, FS, &mut buf, 0)?;
         Ok((buf, runs))
@@ -539,7 +551,10 @@ impl GuestFs for ExfatFs {
                 FileType::File
             },
             size: if is_dir { 0 } else { n.data_len },
-            allocated: n.data_len.div_ceil(self.cluster_size) * self.cluster_size,
+            allocated: n
+                .data_len
+                .div_ceil(self.cluster_size)
+                .saturating_mul(self.cluster_size),
             mtime: n.modify,
             atime: n.access,
             ctime: None,

@@ -229,15 +229,32 @@ pub fn open(vol: Volume) -> Result<ExtFs> {
             "{blocks_count} blocks, {blocks_per_group} blocks and {inodes_per_group} inodes per group"
         )));
     }
+    // Every block number below blocks_count must have a byte offset: reads compute
+    // `block * block_size` without further checks.
+    if blocks_count.checked_mul(block_size).is_none() {
+        return Err(bad(format!(
+            "{blocks_count} blocks of {block_size} bytes exceed 2^64 bytes"
+        )));
+    }
     let groups = (blocks_count - first_data_block).div_ceil(blocks_per_group);
-    if (inodes_count as u64) > groups * inodes_per_group as u64 {
+    // A huge group count (a hostile blocks_count) overflows here; it could never fit anyway.
+    if groups
+        .checked_mul(inodes_per_group as u64)
+        .is_none_or(|capacity| (inodes_count as u64) > capacity)
+    {
         return Err(bad(format!(
             "{inodes_count} inodes do not fit {groups} groups of {inodes_per_group}"
         )));
     }
     let gdt_offset = (first_data_block + 1) * block_size;
-    if gdt_offset + groups * desc_size > vol.len() {
-        return Err(bad("group descriptors lie past the volume's end".into()));
+    if groups
+        .checked_mul(desc_size)
+        .and_then(|gdt| gdt.checked_add(gdt_offset))
+        .is_none_or(|end| end > vol.len())
+    {
+        return Err(bad(format!(
+            "the descriptors of {groups} block groups lie past the volume's end"
+        )));
     }
     let kind = if incompat & (INCOMPAT_EXTENTS | INCOMPAT_64BIT | 0x200 | 0x400 | 0x8000) != 0
         || ro_compat & (0x8 | 0x10 | 0x20 | 0x40 | 0x400) != 0
@@ -709,9 +726,7 @@ impl ExtFs {
         }
         if inode.flags() & FLAG_INLINE_DATA != 0 {
             let mut data = inode.iblock().to_vec();
-            if let Some(v) = self.xattr_value(inode, "system.data")? {
-                data.extend_from_slice(&v);
-            }
+            data.extend_from_slice(&self.inline_tail(inode)?);
             let avail = data.len() as u64;
             for (i, b) in buf.iter_mut().enumerate() {
                 let p = offset + i as u64;
@@ -783,6 +798,27 @@ impl ExtFs {
         Ok(out)
     }
 
+    /// The part of an inline-data inode's body past `i_block`: the value of its `system.data`
+    /// xattr (empty if none). The kernel keeps it in the inode itself; one stored in an EA inode
+    /// is refused, which also stops a chain of EA inodes with inline data from recursing.
+    fn inline_tail(&self, inode: &Inode) -> Result<Vec<u8>> {
+        for (n, v) in self.xattrs(inode)? {
+            if n == "system.data" {
+                return match v {
+                    XValue::Inline(d) => Ok(d),
+                    XValue::Inode(ino, _) => Err(Error::corrupt(
+                        FS,
+                        format!(
+                            "inode {}: inline data continues in EA inode {ino}, not in the inode",
+                            inode.ino
+                        ),
+                    )),
+                };
+            }
+        }
+        Ok(Vec::new())
+    }
+
     fn xattr_value(&self, inode: &Inode, name: &str) -> Result<Option<Vec<u8>>> {
         for (n, v) in self.xattrs(inode)? {
             if n == name {
@@ -796,8 +832,9 @@ impl ExtFs {
                             ));
                         }
                         let ea = self.inode(ino as u64)?;
-                        let mut d = vec![0u8; size as usize];
-                        let got = self.read_data(&ea, ea.size().min(size as u64), &mut d, 0)?;
+                        let len = ea.size().min(size as u64);
+                        let mut d = vec![0u8; len as usize];
+                        let got = self.read_data(&ea, len, &mut d, 0)?;
                         d.truncate(got);
                         d
                     }
@@ -959,9 +996,8 @@ impl GuestFs for ExtFs {
         if inode.flags() & FLAG_INLINE_DATA != 0 {
             // Inline directory: 4 bytes of parent inode, then entries in i_block and system.data.
             self.dir_entries_in(&inode.iblock()[4..], inode.ino, &mut out)?;
-            if let Some(more) = self.xattr_value(&inode, "system.data")? {
-                self.dir_entries_in(&more, inode.ino, &mut out)?;
-            }
+            let more = self.inline_tail(&inode)?;
+            self.dir_entries_in(&more, inode.ino, &mut out)?;
             return Ok(out);
         }
         let size = inode.size();
@@ -973,13 +1009,17 @@ impl GuestFs for ExtFs {
         }
         let bs = self.block_size;
         let mut block = vec![0u8; bs as usize];
+        let blocks = size.div_ceil(bs);
         let mut l = 0u64;
-        while l * bs < size {
+        while l < blocks {
             match self.map(&inode, l)? {
-                Mapping::Zero(n) => l += n.max(1),
+                // A hole with nothing mapped after it runs to u64::MAX: saturate, never wrap.
+                Mapping::Zero(n) => l = l.saturating_add(n.max(1)),
                 Mapping::Data(_, _) => {
-                    self.read_data(&inode, size, &mut block, l * bs)?;
-                    self.dir_entries_in(&block, inode.ino, &mut out)?;
+                    // The last block can be partial (a size not a multiple of the block size):
+                    // parse only what was read, not the previous block's tail.
+                    let got = self.read_data(&inode, size, &mut block, l * bs)?;
+                    self.dir_entries_in(&block[..got], inode.ino, &mut out)?;
                     l += 1;
                 }
             }
@@ -995,9 +1035,9 @@ impl GuestFs for ExtFs {
             blocks |= (u16le(r, 116) as u64) << 32;
         }
         let allocated = if i.flags() & FLAG_HUGE_FILE != 0 {
-            blocks * self.block_size
+            blocks.saturating_mul(self.block_size)
         } else {
-            blocks * 512
+            blocks.saturating_mul(512)
         };
         let crtime = (128 + i.extra_isize() >= 152 && r.len() >= 152).then(|| i.time(144, 148));
         let xattrs = self

@@ -489,6 +489,16 @@ fn read_gpt_entries(
 
 fn read_gpt(disk: &dyn VirtualDisk, ss: u32, size: u64) -> Result<PartitionTable> {
     let ss64 = ss as u64;
+    if size / ss64 < 2 {
+        // A protective MBR on a disk too small for a GPT header (with 4 KiB sectors a disk of
+        // under 8 KiB still has a readable 512-byte MBR).
+        return Err(Error::corrupt(
+            "GPT",
+            format!(
+                "a disk of {size} bytes has no room for a GPT header after a {ss}-byte MBR sector"
+            ),
+        ));
+    }
     let last_lba = size / ss64 - 1;
     let mut warnings = Vec::new();
     let primary = read_gpt_header(disk, ss, 1, size)?;

@@ -54,7 +54,7 @@ impl NtfsFs {
             let in_chunk = (pos % chunk_size) as usize;
             let chunk_len = chunk_size.min(size - c * chunk_size) as usize;
             let take = (chunk_len - in_chunk).min(n - done);
-            let key = (f.num, "\0wof".to_string(), c);
+            let key = (f.num, None, c);
             let cached = self
                 .units
                 .lock()
@@ -228,7 +228,7 @@ impl NtfsFs {
             let off = unit * unit_clusters * cs + in_unit as u64;
             return self.geo.read_runs(what, &s.runs, dst, off);
         }
-        let key = (f.num, s.name.clone(), unit);
+        let key = (f.num, Some(s.name.clone()), unit);
         let cached = self
             .units
             .lock()

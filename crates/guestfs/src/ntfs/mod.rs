@@ -308,7 +308,7 @@ impl Geo {
         let rs = self.record_size as u64;
         let off = n
             .checked_mul(rs)
-            .filter(|o| o + rs <= mft.data_size)
+            .filter(|o| o.checked_add(rs).is_some_and(|end| end <= mft.data_size))
             .ok_or_else(|| corrupt(format!("MFT record {n} is beyond the end of $MFT")))?;
         let mut buf = vec![0u8; rs as usize];
         let what = || format!("$MFT (reading record {n})");
@@ -397,8 +397,10 @@ impl Geo {
     }
 }
 
-/// A decompressed compression unit: (MFT record, stream name, unit number).
-type UnitKey = (u64, String, u64);
+/// A decompressed piece of a file: (MFT record, stream name, unit number) for an LZNT1
+/// compression unit, stream `None` for a WOF chunk. Separate keys matter: the two have different
+/// sizes, and any string (even "\0wof") can be a stream name on a hostile volume.
+type UnitKey = (u64, Option<String>, u64);
 
 /// An open NTFS volume.
 pub struct NtfsFs {
