@@ -138,3 +138,60 @@ fn a_job_without_a_repository_there_exits_10() {
     let out = hk(dir.path(), &["run", "job.toml"]);
     assert_eq!(code(&out), 10, "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// The `preflight` block the README shows for the QEMU test VM is what the binary prints for it:
+/// the real test VM (TCG, guest agent with fsfreeze; assets from `testvm/build.sh`) booted under
+/// the name `testvm`.
+#[test]
+fn readme_preflight_matches_the_qemu_test_vm() {
+    use hypervisor::qemu::{build_testvm, testvm_definition, QemuHypervisor};
+    use hypervisor::Hypervisor;
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let intro = "`preflight` for the QEMU test VM";
+    let after = &readme[readme
+        .find(intro)
+        .expect("README shows preflight for the test VM")..];
+    let start = after.find("```text\n").expect("a text block") + "```text\n".len();
+    let expected = &after[start..start + after[start..].find("```").unwrap()];
+
+    let assets = build_testvm(&root).unwrap_or_else(|e| panic!("{e}"));
+    // Short path: QEMU's unix sockets live under the runtime directory.
+    let tmp = tempfile::Builder::new()
+        .prefix("hkp")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let disk = tmp.path().join("disk.vhdx");
+    std::fs::copy(assets.join("disk-template.vhdx"), &disk).unwrap();
+    let hv = QemuHypervisor::new(tmp.path().join("vms"))
+        .unwrap()
+        .kill_on_drop(true);
+    hv.define(&testvm_definition("testvm", &assets, vec![disk]))
+        .unwrap();
+    hv.start("testvm").unwrap();
+    assert!(
+        hv.wait_booted("testvm", std::time::Duration::from_secs(90))
+            .unwrap(),
+        "the test VM did not boot"
+    );
+    // Booted means the console marker; wait for the agent too (what preflight asks about).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !hv.vm("testvm").unwrap().guest.backup_service_enabled {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest agent never answered with fsfreeze"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    let out = hk(
+        tmp.path(),
+        &["preflight", "--hypervisor", "qemu", "--runtime-dir", "vms"],
+    );
+    assert_eq!(code(&out), 0, "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        expected,
+        "README.md's preflight block differs from the binary's output"
+    );
+}

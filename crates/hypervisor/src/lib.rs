@@ -16,8 +16,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub mod hyperv;
-pub mod strategy;
 pub mod qemu;
+pub mod strategy;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

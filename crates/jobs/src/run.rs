@@ -497,16 +497,27 @@ fn live(
         }
         (Ok((id, _)), Err(e)) => {
             let msg = format!(
-                "snapshot {} was saved, but releasing the checkpoint of VM '{name}' failed: {e}; the next run removes it",
-                short_id(&id)
+                "snapshot {} was saved, but releasing the checkpoint of VM '{name}' failed: {e}; {}",
+                short_id(&id),
+                after_failed_release(hv, name)
             );
             out.snapshot = Some(id);
             Err(LiveFailure::Other(msg))
         }
         (Err(b), Ok(_)) => Err(LiveFailure::Other(b)),
         (Err(b), Err(e)) => Err(LiveFailure::Other(format!(
-            "{b}; releasing the checkpoint failed too: {e} (the next run removes it)"
+            "{b}; releasing the checkpoint failed too: {e} ({})",
+            after_failed_release(hv, name)
         ))),
+    }
+}
+
+/// What a failed release left: only promise the next run's clean-up when there is something
+/// to clean up (a release can fail after merging, e.g. when the VM stopped meanwhile).
+fn after_failed_release(hv: &dyn Hypervisor, name: &str) -> &'static str {
+    match hv.vm(name) {
+        Ok(v) if v.existing_checkpoints.is_empty() => "no checkpoint is left behind",
+        _ => "the next run removes what is left behind",
     }
 }
 
@@ -593,7 +604,7 @@ fn offline(
                         "; the VM is off and could not be started again ({e2}): start it by hand"
                     )),
                 }
-            } else {
+            } else if !msg.contains("left running") {
                 msg.push_str("; the VM was left running");
             }
         }

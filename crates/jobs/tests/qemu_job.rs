@@ -1,113 +1,188 @@
-//! End to end through a real QEMU VM (TCG; assets from `testvm/build.sh`): a job backs up the
-//! running guest live and application-consistent, then offline; each snapshot restores to a
-//! filesystem that checks clean, and the VM is running at the end.
+//! End to end through the job engine with a real QEMU VM (TCG, VHDX disk, a busybox guest that
+//! appends checksummed records with a sync after each, guest agent; assets from
+//! `testvm/build.sh`): while the guest writes, `run_job` backs it up live application-consistent,
+//! live crash-consistent (the guest agent answers but refuses fsfreeze), in saved state and
+//! offline, each into the repository. Every snapshot is restored to raw and checked from outside:
+//! the filesystem is clean (after journal replay on a copy for crash-consistent and saved-state
+//! copies), it holds every record announced before the freeze point, and the snapshot records
+//! the method, the consistency, the downtime and (offline) that the VM booted again. At the end
+//! the live disk holds every record.
 
-use std::path::Path;
+#[path = "../../hypervisor/tests/qemu_common/mod.rs"]
+mod qemu_common;
+#[path = "common/qemu.rs"]
+mod qemu_jobs;
+
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use hypervisor::qemu::{build_testvm, testvm_definition, QemuHypervisor};
 use hypervisor::strategy::{Method, Mode};
 use hypervisor::{Hypervisor, VmState};
-use jobs::run::{backup_vm, run_job, JobOptions, VmOptions};
-use jobs::JobConfig;
-use repo::backend::{Backend, LocalBackend};
+use qemu_common::*;
+use qemu_jobs::*;
 use repo::backup::NoProgress;
-use repo::crypto::KdfParams;
-use repo::repository::{InitOptions, Repository};
-use repo::snapshot::load_snapshot;
-use vdisk::DiskFormat;
-
-const VM: &str = "j1";
-
-fn e2fsck_clean(repo: &Repository, id: &str, target: &Path) {
-    let snap = load_snapshot(repo, id).unwrap();
-    let report =
-        repo::restore::restore(repo, id, &snap, target, Some(DiskFormat::Raw), &NoProgress)
-            .unwrap();
-    let raw = &report.disks[0].path;
-    let out = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(raw)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run e2fsck (package e2fsprogs): {e}"));
-    assert!(
-        out.status.success(),
-        "e2fsck -fn of snapshot {id}:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 #[test]
-fn job_backs_up_a_running_qemu_vm_live_then_offline() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let assets = build_testvm(&root).unwrap_or_else(|e| panic!("{e}"));
-    // Short paths: QEMU's unix sockets live under the runtime directory.
-    let tmp = tempfile::Builder::new()
-        .prefix("hkj")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let disk = tmp.path().join("disk.vhdx");
-    std::fs::copy(assets.join("disk-template.vhdx"), &disk).unwrap();
-    let hv = QemuHypervisor::new(tmp.path().join("run"))
-        .unwrap()
-        .kill_on_drop(true);
-    hv.define(&testvm_definition(VM, &assets, vec![disk.clone()]))
-        .unwrap();
-    hv.start(VM).unwrap();
-    assert!(hv.wait_booted(VM, Duration::from_secs(90)).unwrap());
+fn job_backs_up_a_writing_qemu_vm_live_crash_saved_and_offline() {
+    let started = Instant::now();
+    let t = test_vm();
+    let (hv, disk, scratch) = (&t.hv, t.disk.clone(), t.scratch.clone());
+    let repo = init_repo(&t.tmp.path().join("repo"));
+    boot(hv);
 
-    let backend: std::sync::Arc<dyn Backend> =
-        std::sync::Arc::new(LocalBackend::new(tmp.path().join("repo")));
-    let repo = Repository::init(
-        backend,
-        "pw",
-        InitOptions {
-            chunk_size: 1 << 20,
-            pack_size: 4 << 20,
-            compression_level: 1,
-            kdf: Some(KdfParams::FAST_FOR_TESTS),
+    // 1. Live, application-consistent (live-app-only insists on it), with retention.
+    let cfg = job(
+        t.tmp.path(),
+        "mode = \"live-app-only\"\n\n[retention]\nkeep_last = 10",
+    );
+    let before = wait_announced(hv, announced(hv));
+    let (rep, out) = run_vm_job(&cfg, hv, &repo, &NoProgress);
+    assert_eq!(rep.exit_code(), 0, "{rep:#?}");
+    assert_eq!(out.method, Some(Method::Live));
+    assert_eq!(out.consistency.as_deref(), Some("application"));
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+    assert_eq!(
+        out.retention,
+        Some(jobs::run::RetentionOutcome {
+            kept: 1,
+            removed: 0
+        })
+    );
+    assert!(
+        out.tracking.is_some(),
+        "the live backup keeps a change token"
+    );
+    let app_id = out.snapshot.clone().unwrap();
+    assert_vm_untouched(hv, &disk);
+    let (snap, n_app) = check_snapshot(&repo, &app_id, &scratch, false, before);
+    assert_eq!(snap.mode.as_deref(), Some("live"));
+    assert_eq!(snap.consistency.as_deref(), Some("application"));
+    assert_eq!(snap.downtime_ms, None);
+    assert_eq!(snap.booted, None);
+    eprintln!("application-consistent done after {:?}", started.elapsed());
+
+    // 2. Live, crash-consistent: the agent answers but fsfreeze is unavailable, so mode `live`
+    //    takes a crash-consistent checkpoint and says so. It is incremental on the first backup
+    //    (the change token from the state file beside the job file).
+    agent_without_fsfreeze(hv);
+    let cfg = job(t.tmp.path(), "mode = \"live\"");
+    let before = wait_announced(hv, announced(hv));
+    let (rep, out) = run_vm_job(&cfg, hv, &repo, &NoProgress);
+    assert_eq!(rep.exit_code(), 0, "{rep:#?}");
+    assert_eq!(out.method, Some(Method::Live));
+    assert_eq!(out.consistency.as_deref(), Some("crash"));
+    assert!(
+        out.warnings.iter().any(|w| w.contains("crash-consistent")),
+        "{:?}",
+        out.warnings
+    );
+    let ct = out.change_tracking.clone().unwrap_or_default();
+    assert!(
+        ct.contains("changed ranges") && ct.contains(&app_id[..8]),
+        "change tracking: {ct}"
+    );
+    let crash_id = out.snapshot.clone().unwrap();
+    assert_vm_untouched(hv, &disk);
+    let (snap, n_crash) = check_snapshot(&repo, &crash_id, &scratch, true, before);
+    assert_eq!(snap.mode.as_deref(), Some("live"));
+    assert_eq!(snap.consistency.as_deref(), Some("crash"));
+    assert_eq!(snap.parent.as_deref(), Some(app_id.as_str()));
+    assert!(n_crash > n_app, "{n_crash} records, {n_app} in the first");
+    eprintln!("crash-consistent done after {:?}", started.elapsed());
+
+    // 3. Saved state: the VM is saved, backed up, resumed (the same guest: it does not boot
+    //    again, its records continue); the downtime is recorded.
+    let cfg = job(t.tmp.path(), "mode = \"saved-state\"");
+    let before = wait_announced(hv, announced(hv));
+    let (rep, out) = run_vm_job(&cfg, hv, &repo, &NoProgress);
+    assert_eq!(rep.exit_code(), 0, "{rep:#?}");
+    assert_eq!(out.method, Some(Method::SavedState));
+    assert_eq!(out.consistency.as_deref(), Some("saved-state"));
+    let saved_id = out.snapshot.clone().unwrap();
+    assert_eq!(hv.vm(VM).unwrap().state, VmState::Running);
+    wait_announced(hv, before);
+    let console = std::fs::read_to_string(hv.console_log(VM)).unwrap();
+    assert!(
+        !console.contains("HK-BOOTED"),
+        "the guest booted again instead of resuming:\n{console}"
+    );
+    assert_vm_untouched(hv, &disk);
+    // The filesystem was mounted and in use when saved: its journal may need replay.
+    let (snap, n_saved) = check_snapshot(&repo, &saved_id, &scratch, true, before);
+    assert_eq!(snap.mode.as_deref(), Some("saved-state"));
+    assert_eq!(snap.consistency.as_deref(), Some("saved-state"));
+    let downtime = snap.downtime_ms.expect("saved-state downtime");
+    assert!(downtime > 0);
+    assert_eq!(out.downtime_ms, Some(downtime));
+    assert_eq!(snap.booted, None);
+    assert!(n_saved > n_crash);
+    eprintln!(
+        "saved-state done after {:?} (downtime {downtime} ms)",
+        started.elapsed()
+    );
+
+    // 4. Offline: clean shutdown (a cleanly unmounted filesystem, no partial record), backed
+    //    up, started again; downtime and "booted" recorded.
+    let cfg = job(
+        t.tmp.path(),
+        "mode = \"offline\"\nshutdown_timeout = \"60s\"\nboot_timeout = \"90s\"",
+    );
+    let before = wait_announced(hv, announced(hv));
+    let (rep, out) = run_vm_job(&cfg, hv, &repo, &NoProgress);
+    assert_eq!(rep.exit_code(), 0, "{rep:#?}");
+    assert_eq!(out.method, Some(Method::Shutdown));
+    assert_eq!(out.mode, Mode::Offline);
+    assert_eq!(out.consistency.as_deref(), Some("offline"));
+    assert_eq!(out.booted, Some(true));
+    let off_id = out.snapshot.clone().unwrap();
+    assert_eq!(hv.vm(VM).unwrap().state, VmState::Running);
+    let (snap, n_off) = check_snapshot(&repo, &off_id, &scratch, false, before);
+    assert_eq!(snap.mode.as_deref(), Some("offline"));
+    assert_eq!(snap.consistency.as_deref(), Some("offline"));
+    assert_eq!(snap.booted, Some(true));
+    let downtime = snap.downtime_ms.expect("offline downtime");
+    assert!(downtime > 0);
+    assert_eq!(out.downtime_ms, Some(downtime));
+    assert!(n_off > n_saved);
+    // Booted again: a new boot marker, and the records continue past the backup's.
+    assert!(std::fs::read_to_string(hv.console_log(VM))
+        .unwrap()
+        .contains("HK-BOOTED"));
+    wait_announced(hv, n_off);
+    assert_vm_untouched(hv, &disk);
+    eprintln!(
+        "offline done after {:?} (downtime {downtime} ms)",
+        started.elapsed()
+    );
+
+    // Every snapshot is still there (retention kept them all) and the repository checks clean.
+    let ids = snapshot_ids(&repo);
+    for id in [&app_id, &crash_id, &saved_id, &off_id] {
+        assert!(ids.contains(id), "snapshot {id} missing from {ids:?}");
+    }
+    let check = repo::check::check(
+        &repo,
+        &repo::check::CheckOptions {
+            read_data: repo::check::ReadData::All,
         },
     )
     .unwrap();
+    assert!(check.is_clean(), "{:?}", check.problems);
 
-    let job_path = tmp.path().join("job.toml");
-    std::fs::write(
-        &job_path,
-        format!(
-            "[hypervisor]\nkind = \"qemu\"\nruntime_dir = \"run\"\n[[vm]]\nname = \"{VM}\"\nmode = \"live-app-only\"\n[retention]\nkeep_last = 5\n"
-        ),
-    )
-    .unwrap();
-    let cfg = JobConfig::load(&job_path).unwrap();
-    let rep = run_job(&cfg, &hv, &repo, &JobOptions::default(), &NoProgress).unwrap();
-    assert_eq!(rep.exit_code(), 0, "{rep:#?}");
-    let live = &rep.vms[0];
-    assert_eq!(live.method, Some(Method::Live));
-    assert_eq!(live.consistency.as_deref(), Some("application"));
-    let live_id = live.snapshot.clone().unwrap();
-    let snap = load_snapshot(&repo, &live_id).unwrap();
-    assert_eq!(snap.mode.as_deref(), Some("live"));
-    assert_eq!(snap.consistency.as_deref(), Some("application"));
-    assert_eq!(hv.vm(VM).unwrap().state, VmState::Running);
-    e2fsck_clean(&repo, &live_id, &tmp.path().join("restore-live"));
-
-    let info = hv.vm(VM).unwrap();
-    let opts = VmOptions {
-        mode: Mode::Offline,
-        shutdown_timeout: Duration::from_secs(60),
-        boot_timeout: Duration::from_secs(90),
-        ..VmOptions::default()
-    };
-    let off = backup_vm(&hv, &repo, &info, &opts, &NoProgress);
-    assert!(off.ok(), "{off:#?}");
-    assert_eq!(off.booted, Some(true));
-    let off_id = off.snapshot.clone().unwrap();
-    let snap = load_snapshot(&repo, &off_id).unwrap();
-    assert_eq!(snap.mode.as_deref(), Some("offline"));
-    assert_eq!(snap.booted, Some(true));
-    assert!(snap.downtime_ms.is_some_and(|d| d > 0));
-    assert_eq!(hv.vm(VM).unwrap().state, VmState::Running);
-    e2fsck_clean(&repo, &off_id, &tmp.path().join("restore-off"));
+    // The live disk ends with every record.
+    let last = wait_announced(hv, announced(hv));
+    hv.shutdown(VM, Duration::from_secs(60)).unwrap();
+    let (code, text) = run(Command::new("qemu-img")
+        .args(["check", "-f", "vhdx"])
+        .arg(&disk));
+    assert_eq!(code, 0, "qemu-img check of the live disk:\n{text}");
+    let fin = scratch.join("final.raw");
+    copy_to_raw(&disk, &fin);
+    e2fsck_clean(&fin);
+    let n = check_records(&fin, &scratch, false);
+    assert!(
+        n >= last && n > n_off,
+        "live disk holds {n} records, {last} were announced"
+    );
+    eprintln!("total {:?}", started.elapsed());
 }

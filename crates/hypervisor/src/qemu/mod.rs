@@ -1015,6 +1015,18 @@ impl Hypervisor for QemuHypervisor {
                 Error::NotFound(format!("VM {vm} has no checkpoint {}", checkpoint.id))
             })?;
         self.merge_record(vm, &record)?;
+        // QEMU exited while the checkpoint existed (killed, crashed, powered off from inside):
+        // the overlay was merged offline above, so nothing is left behind, but the VM stopped
+        // during the backup and its change tracking died with the process. That is a failure
+        // the caller must hear about, not a normal release.
+        if !self.is_running(vm)? {
+            return Err(Error::Operation(format!(
+                "VM {vm} stopped while checkpoint {} existed (its QEMU process exited): the \
+                 guest's writes since the checkpoint were merged into its disks offline; the VM \
+                 is off (start it again once you know why it stopped)",
+                record.id
+            )));
+        }
         // Bitmaps of older backups are no longer needed: the next backup asks about this one.
         let keep = if keep_change_token {
             Some(record.id.as_str())

@@ -1,5 +1,7 @@
 //! Shared by the qemu_* tests: the test VM's assets (from `testvm/build.sh`), booting it, and
 //! checking disk copies from outside (e2fsck, debugfs, records with checksums).
+//! The job engine's QEMU tests (crates/jobs/tests/qemu_job*.rs) include this file too, with
+//! `#[path]`: keep its dependencies to hypervisor, vdisk, serde_json and tempfile.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
