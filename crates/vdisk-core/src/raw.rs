@@ -211,7 +211,7 @@ mod tests {
             .filter(|e| e.state == ExtentState::Data)
             .map(|e| e.length)
             .sum();
-        assert!(data >= 4096 && data < (64 << 20), "map = {map:?}");
+        assert!((4096..(64 << 20)).contains(&data), "map = {map:?}");
         assert_eq!(map.first().unwrap().offset, 0);
         assert_eq!(map.last().unwrap().end(), 64 << 20);
         let mut b = [0u8; 8];
