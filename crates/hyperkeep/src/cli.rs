@@ -184,6 +184,13 @@ pub enum Command {
         #[arg(long)]
         vm: Option<String>,
     },
+    /// Update a VM's replica (native VHDX/VHD disks and config files in DIR/VM/) from the
+    /// repository, writing only what changed; keeps the last N versions.
+    #[command(after_help = PASSWORD_HELP)]
+    Replicate(crate::replica_cmd::ReplicateArgs),
+    /// Replicas: list, verify against the repository, prepare a failover.
+    #[command(subcommand)]
+    Replica(crate::replica_cmd::ReplicaCommand),
 }
 
 #[derive(Args, Debug)]

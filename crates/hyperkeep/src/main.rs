@@ -4,7 +4,8 @@
 //! `repo_cmd` the repository commands (one module per command) with `repo_open` finding the
 //! repository and its password and `progress` drawing progress bars, `granular` the commands on
 //! files inside disks (`ls`, `cat`, `find`, `restore --include`), `mount` the read-only FUSE view
-//! of a snapshot's disks and files (`hyperkeep mount`), `output` prints results for
+//! of a snapshot's disks and files (`hyperkeep mount`), `replica_cmd` replication (`replicate`,
+//! `replica list|verify|failover`), `output` prints results for
 //! humans or as JSON (errors included), `size` parses sizes such as `32M`.
 
 mod cli;
@@ -14,6 +15,7 @@ mod job_cmd;
 mod mount;
 mod output;
 mod progress;
+mod replica_cmd;
 mod repo_cmd;
 mod repo_open;
 mod size;

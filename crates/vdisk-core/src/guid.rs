@@ -161,7 +161,10 @@ mod tests {
         assert_eq!(Guid::from_le_bytes(b), g);
         assert_eq!(g.to_string(), "2dc27766-f623-4200-9d64-115e9bfd4a08");
         assert_eq!(format!("{g:?}"), "{2dc27766-f623-4200-9d64-115e9bfd4a08}");
-        assert_eq!("{2dc27766-f623-4200-9d64-115e9bfd4a08}".parse::<Guid>(), Ok(g));
+        assert_eq!(
+            "{2dc27766-f623-4200-9d64-115e9bfd4a08}".parse::<Guid>(),
+            Ok(g)
+        );
     }
 
     #[test]

@@ -93,7 +93,11 @@ impl RawDisk {
             }
             // SAFETY: as above.
             let hole = unsafe { lseek(fd, data as i64, SEEK_HOLE) };
-            let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+            let hole = if hole < 0 {
+                end
+            } else {
+                (hole as u64).min(end)
+            };
             push_extent(out, data, hole - data, ExtentState::Data);
             pos = hole;
         }

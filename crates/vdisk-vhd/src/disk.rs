@@ -916,6 +916,137 @@ impl Vhd {
     }
 }
 
+impl Vhd {
+    /// Point differencing disk `child` at `parent`: parent unique id, time stamp and name, and
+    /// its relative (`W2ru`) and absolute (`W2ku`) locators. The child's own unique id does not
+    /// change, so its children stay linked. The parent must have the child's size; its content is
+    /// the caller's business (this is for a parent that shows what the old parent showed, e.g.
+    /// after a merge).
+    ///
+    /// The new paths must fit in the space the child reserved for its locators (true for a
+    /// parent next to the old one with a name of the same length, as replicas use); otherwise
+    /// nothing is written and an error says so. Order: locator data first, then the header in
+    /// one write. In between, the header still names the old parent, which is found by its name
+    /// next to the child, so the child stays readable throughout (against a crash of the
+    /// process; a power cut in the middle of the 1 KiB header write is not covered).
+    pub fn reparent(child: &Path, parent: &Path) -> Result<()> {
+        let pfile = File::open(parent)
+            .map_err(|e| Error::io(format!("cannot open {}", parent.display()), e))?;
+        let (pfooter, _, _) = read_footer(&pfile).map_err(|e| e.with_path(parent))?;
+        let pmtime = pfile
+            .metadata()
+            .and_then(|m| m.modified())
+            .map_err(|e| Error::io(format!("cannot stat {}", parent.display()), e))?;
+        drop(pfile);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(child)
+            .map_err(|e| Error::io(format!("cannot open {} for writing", child.display()), e))?;
+        let file = Arc::new(file);
+        let vhd = Vhd::from_backing(file.clone() as Arc<dyn ReadAt>, None, Some(child.into()))
+            .map_err(|e| e.with_path(child))?;
+        let Some(sp) = vhd
+            .sparse
+            .as_ref()
+            .filter(|_| vhd.kind == DiskType::Differencing)
+        else {
+            return Err(Error::InvalidArgument(format!(
+                "{} is not a differencing disk, so it has no parent to change",
+                child.display()
+            )));
+        };
+        let psize = Vhd::open_backing(Arc::new(
+            File::open(parent)
+                .map_err(|e| Error::io(format!("cannot open {}", parent.display()), e))?,
+        ))
+        .map_err(|e| e.with_path(parent))?
+        .virtual_size;
+        if psize != vhd.virtual_size {
+            return Err(Error::Parent(format!(
+                "{} ({psize} bytes) cannot become the parent of {} ({} bytes): a differencing \
+                 chain needs one size",
+                parent.display(),
+                child.display(),
+                vhd.virtual_size
+            )));
+        }
+        let parent_abs = std::fs::canonicalize(parent)
+            .map_err(|e| Error::io(format!("cannot resolve {}", parent.display()), e))?;
+        let child_dir = child
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let child_dir = std::fs::canonicalize(child_dir)
+            .map_err(|e| Error::io(format!("cannot resolve {}", child_dir.display()), e))?;
+        let rel = parent::relative_windows_path(&child_dir, &parent_abs);
+        let abs = parent_abs.to_string_lossy().replace('/', "\\");
+        let mut header = sp.header.clone();
+        let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        for (code, path) in [(PLATFORM_W2RU, rel), (PLATFORM_W2KU, abs)] {
+            let Some(l) = header.locators.iter_mut().find(|l| l.platform_code == code) else {
+                return Err(Error::unsupported(
+                    FORMAT,
+                    format!(
+                        "{} has no {} locator to rewrite; its parent cannot be changed here",
+                        child.display(),
+                        tag_string(&code)
+                    ),
+                ));
+            };
+            let bytes = utf16le(&path);
+            let space = l.space_bytes();
+            if bytes.len() as u64 > space {
+                return Err(Error::InvalidArgument(format!(
+                    "the path {path} needs {} bytes in the {} locator of {}, which has room for \
+                     {space}; nothing was changed",
+                    bytes.len(),
+                    tag_string(&code),
+                    child.display()
+                )));
+            }
+            l.data_length = bytes.len() as u32;
+            let mut padded = bytes;
+            padded.resize(space as usize, 0);
+            writes.push((l.data_offset, padded));
+        }
+        // Deprecated locators would still name the old parent; nothing reads them first, but a
+        // stale path is worse than none.
+        for l in header.locators.iter_mut() {
+            if l.platform_code == PLATFORM_WI2R || l.platform_code == PLATFORM_WI2K {
+                *l = Locator::default();
+            }
+        }
+        let name = parent_abs
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut units: Vec<u16> = name.encode_utf16().collect();
+        units.truncate(255);
+        let mut raw_name: Vec<u8> = units.iter().flat_map(|u| u.to_be_bytes()).collect();
+        raw_name.resize(512, 0);
+        header.parent_name = raw_name;
+        header.parent_unique_id = pfooter.unique_id;
+        header.parent_timestamp = vhd_timestamp(pmtime);
+        let header_offset = sp.header_offset;
+        drop(vhd);
+        let werr = |e| {
+            Error::io(
+                format!("cannot write the parent locator of {}", child.display()),
+                e,
+            )
+        };
+        for (off, data) in &writes {
+            file.write_all_at(data, *off).map_err(werr)?;
+        }
+        file.sync().map_err(werr)?;
+        file.write_all_at(&header.to_bytes(), header_offset)
+            .map_err(werr)?;
+        file.sync().map_err(werr)?;
+        Ok(())
+    }
+}
+
 fn check_block_size(bs: u32) -> Result<()> {
     if !bs.is_power_of_two() || !(512..=MAX_BLOCK_SIZE).contains(&bs) {
         return Err(Error::InvalidArgument(format!(

@@ -8,7 +8,7 @@
 //! Map of the crate:
 //! - [`format`](mod@format): the on-disk structures (footer, dynamic header, locators), checksum, CHS
 //!   geometry, time stamps.
-//! - [`disk`]: [`Vhd`] (open, read, map, info, write, create, create_child) and
+//! - [`disk`]: [`Vhd`] (open, read, map, info, write, create, create_child, reparent) and
 //!   [`CreateOptions`].
 //! - `parent`: finding and checking a differencing disk's parent.
 //! - [`check`](mod@check): [`check()`](fn@check), the structural checker.

@@ -51,7 +51,7 @@ pub(crate) fn open_layer_ro(path: &Path) -> Result<VhdxFile> {
 
 /// Open one layer for writing. The caller validates the file (and its chain) read-only first,
 /// so that a damaged or hostile file is refused before the writer touches its headers.
-fn open_layer_rw(path: &Path) -> Result<VhdxFile> {
+pub(crate) fn open_layer_rw(path: &Path) -> Result<VhdxFile> {
     let file = open_file(path, true)?;
     let raw = file
         .try_clone()

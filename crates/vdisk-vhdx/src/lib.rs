@@ -12,6 +12,9 @@
 //! - `log`: the metadata log: replay (in memory or on disk) and the log writer.
 //! - `create`: [`Vhdx::create`] and differencing children.
 //! - `write`: writable opens and [`vdisk_core::VirtualDiskMut`] for [`Vhdx`].
+//! - `relink`: changing a child's parent locator (`Vhdx::reparent`, `Vhdx::set_parent_linkage2`)
+//!   and choosing the DataWriteGuid a write gives a layer, so a chain's oldest layer can be merged
+//!   away while every other layer stays readable.
 //!
 //! [`VirtualDisk`]: vdisk_core::VirtualDisk
 
@@ -21,6 +24,7 @@ mod create;
 mod format;
 mod log;
 mod reader;
+mod relink;
 mod write;
 
 pub use chain::Vhdx;

@@ -157,6 +157,10 @@ pub(crate) struct WriteState {
     file_guid_renewed: bool,
     /// DataWriteGuid already renewed in this session (before the first guest-visible change).
     data_guid_renewed: bool,
+    /// The DataWriteGuid the first guest-visible change sets, instead of a random one. A merge
+    /// announces it to the child first (`parent_linkage2`), so the child keeps its parent
+    /// while the parent is rewritten.
+    next_data_write_guid: Option<Guid>,
     log: LogWriter,
     /// The header's LogGuid is set: the log may hold entries to replay.
     log_active: bool,
@@ -236,6 +240,7 @@ pub(crate) fn open_writable(
         header_slot: slot,
         file_guid_renewed: false,
         data_guid_renewed: false,
+        next_data_write_guid: None,
         log: LogWriter::new(header.log_offset, header.log_length),
         log_active: false,
         layout: None,
@@ -287,6 +292,26 @@ impl WriteState {
         &self.header
     }
 
+    /// Choose the DataWriteGuid the first guest-visible change of this session sets.
+    pub(crate) fn set_next_data_write_guid(&mut self, g: Guid) {
+        self.next_data_write_guid = Some(g);
+    }
+
+    /// Replace a 4 KiB metadata page (page-aligned `offset`); it is committed through the log
+    /// with the other pending pages at the next flush, so the change is atomic.
+    pub(crate) fn stage_page(&mut self, offset: u64, content: &[u8]) -> Result<()> {
+        self.check_alive()?;
+        if !offset.is_multiple_of(PAGE) || content.len() as u64 != PAGE {
+            return Err(Error::InvalidArgument(format!(
+                "internal: metadata page write of {} bytes at {offset} is not one aligned page",
+                content.len()
+            )));
+        }
+        self.pending
+            .modify(offset, |p| p.copy_from_slice(content))
+            .map_err(io_err(self.ctx("update the metadata of")))
+    }
+
     /// Test hook: make the next log commit stop after the log entry is written and flushed and
     /// before its pages are applied, as if the machine crashed there.
     pub(crate) fn set_crash_after_log_write(&mut self, on: bool) {
@@ -336,7 +361,7 @@ impl WriteState {
     fn before_first_change(&mut self) -> Result<()> {
         self.check_alive()?;
         if !self.data_guid_renewed {
-            let dw = Guid::new_random();
+            let dw = self.next_data_write_guid.unwrap_or_else(Guid::new_random);
             self.update_headers(|h| h.data_write_guid = dw)?;
             self.data_guid_renewed = true;
         }

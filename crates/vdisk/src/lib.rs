@@ -96,6 +96,60 @@ pub fn merge(child: &Path, opts: &OpenOptions) -> Result<MergeReport> {
     merge::merge(child, opts)
 }
 
+/// How [`merge_with`] merges.
+#[derive(Clone, Debug, Default)]
+pub struct MergeOptions {
+    /// VHDX: the DataWriteGuid the parent gets (its header changes to it before any data is
+    /// written); `None` = a random one, as Hyper-V does. Tell the child first with
+    /// [`accept_parent_identity`], and the child stays readable during and after the merge.
+    /// VHD: ignored; writing a VHD does not change its identity (unique id).
+    pub parent_identity: Option<Guid>,
+    /// Keep the child file instead of deleting it (it must accept the parent's new identity,
+    /// see above, or it can no longer be opened).
+    pub keep_child: bool,
+}
+
+/// [`merge`] with options: choose the parent's new identity, keep the child.
+pub fn merge_with(child: &Path, opts: &OpenOptions, mopts: &MergeOptions) -> Result<MergeReport> {
+    merge::merge_with(child, opts, mopts)
+}
+
+/// Make differencing disk `child` also accept a parent with identity `g` (VHDX:
+/// `parent_linkage2` = `g`; VHD: nothing to do, a VHD's identity does not change when written).
+/// The locator change goes through the VHDX log; the child's own identity stays.
+pub fn accept_parent_identity(child: &Path, g: Guid) -> Result<()> {
+    match detect::detect(child)? {
+        DiskFormat::Vhdx => vdisk_vhdx::Vhdx::set_parent_linkage2(child, g),
+        DiskFormat::Vhd => Ok(()),
+        DiskFormat::Raw => Err(Error::InvalidArgument(format!(
+            "{} is a raw image, which has no parent",
+            child.display()
+        ))),
+    }
+}
+
+/// Point differencing disk `child` at `parent` (paths and linkage to the parent's current
+/// identity). For a parent that shows what the old one showed, e.g. after a merge; only the
+/// geometry is checked. The child's own identity stays, so its children stay linked.
+pub fn reparent(child: &Path, parent: &Path) -> Result<()> {
+    let (cf, pf) = (detect::detect(child)?, detect::detect(parent)?);
+    if cf != pf {
+        return Err(Error::Parent(format!(
+            "{} is {cf} and {} is {pf}: a differencing chain has one format",
+            child.display(),
+            parent.display()
+        )));
+    }
+    match cf {
+        DiskFormat::Vhdx => vdisk_vhdx::Vhdx::reparent(child, parent),
+        DiskFormat::Vhd => vdisk_vhd::Vhd::reparent(child, parent),
+        DiskFormat::Raw => Err(Error::InvalidArgument(format!(
+            "{} is a raw image, which has no parent",
+            child.display()
+        ))),
+    }
+}
+
 /// Progress callback: (bytes done, bytes total).
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 

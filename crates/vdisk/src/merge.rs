@@ -10,14 +10,22 @@
 use std::path::Path;
 
 use crate::{
-    detect, io::is_zero, Error, ExtentState, MapScope, MergeReport, OpenOptions, Result,
-    VirtualDisk, VirtualDiskMut,
+    detect, io::is_zero, DiskFormat, Error, ExtentState, MapScope, MergeOptions, MergeReport,
+    OpenOptions, Result, VirtualDisk, VirtualDiskMut,
 };
 
 const WINDOW: u64 = 1 << 30;
 const PIECE: u64 = 4 << 20;
 
 pub(crate) fn merge(child: &Path, opts: &OpenOptions) -> Result<MergeReport> {
+    merge_with(child, opts, &MergeOptions::default())
+}
+
+pub(crate) fn merge_with(
+    child: &Path,
+    opts: &OpenOptions,
+    mopts: &MergeOptions,
+) -> Result<MergeReport> {
     let ro = OpenOptions {
         writable: false,
         ..opts.clone()
@@ -42,7 +50,14 @@ pub(crate) fn merge(child: &Path, opts: &OpenOptions) -> Result<MergeReport> {
         parent_override: None,
         max_chain_depth: opts.max_chain_depth,
     };
-    let mut parent = detect::open_mut(&parent_path, &parent_opts)?;
+    let mut parent: Box<dyn VirtualDiskMut> = match mopts.parent_identity {
+        Some(g) if detect::detect(&parent_path)? == DiskFormat::Vhdx => {
+            let mut p = vdisk_vhdx::Vhdx::open(&parent_path, &parent_opts)?;
+            p.set_next_data_write_guid(g)?;
+            Box::new(p)
+        }
+        _ => detect::open_mut(&parent_path, &parent_opts)?,
+    };
     let (cg, pg) = (chain.geometry(), parent.geometry());
     if cg.virtual_size != pg.virtual_size || cg.logical_sector_size != pg.logical_sector_size {
         return Err(Error::Parent(format!(
@@ -61,6 +76,13 @@ pub(crate) fn merge(child: &Path, opts: &OpenOptions) -> Result<MergeReport> {
     parent.flush()?;
     drop(parent);
     drop(chain);
+    if mopts.keep_child {
+        return Ok(MergeReport {
+            child: child.to_path_buf(),
+            parent: parent_path,
+            bytes_merged,
+        });
+    }
     std::fs::remove_file(child).map_err(|e| {
         Error::io(
             format!(
@@ -120,7 +142,7 @@ fn copy_layer(chain: &dyn VirtualDisk, parent: &mut dyn VirtualDiskMut) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{CreateOptions, DiskFormat};
+    use crate::CreateOptions;
     use rand::{Rng, SeedableRng};
 
     fn view(p: &Path) -> Vec<u8> {

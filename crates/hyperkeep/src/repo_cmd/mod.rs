@@ -80,6 +80,8 @@ pub fn run(cli: &Cli) -> Result<u8> {
             mountpoint,
             vm,
         } => crate::mount::run(cli, source, mountpoint, vm.as_deref()),
+        Command::Replicate(args) => crate::replica_cmd::replicate(cli, args),
+        Command::Replica(cmd) => crate::replica_cmd::run(cli, cmd),
     }
 }
 
