@@ -112,6 +112,7 @@ now() { date +%s.%N; }
 secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
 du_b() { du -sb --apparent-size "$1" | cut -f1; }  # apparent: what a copy would transfer
 du_alloc() { du -sB1 "$1" | cut -f1; }             # allocated: what the storage holds
+mib() { python3 -c "print(f'{$1 / 1048576:.1f}')"; }
 
 backup() {
     "$HK" backup --vm bench "$VMDISK" "$WORK/vm/bench.vmcx" >/dev/null
@@ -159,6 +160,7 @@ full_alloc=$(du_alloc "$WORK/full.vhdx")
 
 log "versions 3..$KEEP: $CHANGE_PCT % of the disk rewritten by qemu-io each"
 pieces=$((size_bytes * CHANGE_PCT / 100 / 65536))
+io_rows=""
 for v in $(seq 3 "$KEEP"); do
     cmds=()
     for i in $(seq 1 "$pieces"); do
@@ -167,7 +169,9 @@ for v in $(seq 3 "$KEEP"); do
     done
     qemu-io -f vhdx "${cmds[@]}" "$VMDISK" >/dev/null
     backup
+    a0=$(du_alloc "$TO")
     replicate
+    io_rows+="| version $v (incremental, $pieces random 64 KiB guest writes = $CHANGE_PCT % of the disk) | $(mib "$rep_written") | $(mib $(($(du_alloc "$TO") - a0))) | $rep_secs |"$'\n'
 done
 depth=$("$HK" --json replica list "$TO" | jq '[.[0].versions[-1].disks[0].chain_depth] | max')
 newest_path=$("$HK" --json replica list "$TO" | jq -r '.[0].versions[-1].disks[0].file')
@@ -192,7 +196,6 @@ rm -rf "$TO/bench/failover"
 
 "$HK" replica verify "$TO" >/dev/null || die "replica verify found problems"
 
-mib() { python3 -c "print(f'{$1 / 1048576:.1f}')"; }
 ratio() { python3 -c "print(f'{$1 / max($2, 1):.3f}')"; }
 REPORT=$OUTDIR/replicate-$SIZE.md
 {
@@ -205,6 +208,7 @@ REPORT=$OUTDIR/replicate-$SIZE.md
     echo "|---|---:|---:|---:|"
     echo "| version 1 (full) | $(mib "$v1_written") | $(mib "$alloc1") | $v1_secs |"
     echo "| version 2 (incremental, $CHANGE_PCT % changed) | $(mib "$v2_written") | $(mib $((alloc2 - alloc1))) (layer $(mib "$layer_alloc")) | $v2_secs |"
+    printf '%s' "$io_rows"
     echo "| full copy (qemu-img convert -O vhdx) | - | $(mib "$full_alloc") | $full_secs |"
     echo
     echo "Incremental cycle against a full copy: bytes $(ratio $((alloc2 - alloc1)) "$full_alloc"), time $(ratio "$v2_secs" "$full_secs")."

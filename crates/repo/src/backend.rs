@@ -178,8 +178,7 @@ impl LocalBackend {
             }
             Err(e) => return Err(e),
         };
-        let written = file
-            .write_all(data)
+        let written = write_data(&mut file, data)
             .and_then(|()| file.sync_all())
             .and_then(|()| {
                 drop(file);
@@ -192,6 +191,95 @@ impl LocalBackend {
         sync_dir(dir);
         Ok(())
     }
+}
+
+/// Writes of at least this many bytes (packs) bypass the page cache where the platform allows.
+const DIRECT_MIN: usize = 1 << 20;
+/// O_DIRECT needs buffer, offset and length aligned to the device's logical block size; 4096
+/// covers every common one (512 and 4096).
+const DIRECT_ALIGN: usize = 4096;
+/// Bytes copied into the aligned bounce buffer per direct write.
+const DIRECT_BOUNCE: usize = 8 << 20;
+
+/// Write `data` at the file's start. Large objects (packs: tens of MiB each, the whole volume of
+/// a backup) go through O_DIRECT on Linux: a buffered write copies every byte into the page cache
+/// (in a backup's profile that kernel copy cost about as much CPU as BLAKE3 plus encryption),
+/// while the data is written once and never read back by this process. The aligned bulk is
+/// copied into an aligned bounce buffer (a user-space memcpy of a few MiB that stays in cache)
+/// and written direct; the unaligned tail is written buffered. Durability is unchanged: the
+/// caller still fsyncs the file (metadata, the buffered tail) before the rename. Where O_DIRECT
+/// is refused (file systems without it, EINVAL for other alignments) the write falls back to the
+/// buffered path.
+fn write_data(file: &mut File, data: &[u8]) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    if data.len() >= DIRECT_MIN {
+        return write_direct(file, data);
+    }
+    file.write_all(data)
+}
+
+#[cfg(target_os = "linux")]
+fn write_direct(file: &mut File, data: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    /// One aligned block; a Vec of these is an aligned buffer without unsafe allocation.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(4096))]
+    struct Block([u8; DIRECT_ALIGN]);
+
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own, with integer arguments only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    let set = |f: libc::c_int| unsafe { libc::fcntl(fd, libc::F_SETFL, f) } == 0;
+    if flags < 0 || !set(flags | libc::O_DIRECT) {
+        return file.write_all(data);
+    }
+    thread_local! {
+        // Kept per thread (a backup's uploaders write many packs each): allocating it per pack
+        // costs page faults and zeroing comparable to the copy it serves.
+        static BOUNCE: std::cell::RefCell<Vec<Block>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let result = BOUNCE.with(|b| {
+        let mut blocks = b.borrow_mut();
+        if blocks.is_empty() {
+            *blocks = vec![Block([0; DIRECT_ALIGN]); DIRECT_BOUNCE / DIRECT_ALIGN];
+        }
+        // SAFETY: `Block` is plain bytes with no padding; the slice covers exactly the blocks.
+        let bounce: &mut [u8] = unsafe {
+            std::slice::from_raw_parts_mut(
+                blocks.as_mut_ptr().cast::<u8>(),
+                blocks.len() * DIRECT_ALIGN,
+            )
+        };
+        direct_bulk(file, data, bounce)
+    });
+    set(flags);
+    match result {
+        Ok(done) => file.write_all(&data[done..]),
+        Err(e) => Err(e),
+    }
+}
+
+/// Write the aligned bulk of `data` through `bounce` with O_DIRECT set. Returns how many bytes
+/// were written; the caller writes the rest buffered.
+#[cfg(target_os = "linux")]
+fn direct_bulk(file: &mut File, data: &[u8], bounce: &mut [u8]) -> std::io::Result<usize> {
+    let bulk = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+    let mut done = 0;
+    while done < bulk {
+        let n = bounce.len().min(bulk - done);
+        bounce[..n].copy_from_slice(&data[done..done + n]);
+        match file.write(&bounce[..n]) {
+            Ok(w) if w == n => done += n,
+            // A short or refused direct write: finish buffered from where the file stands.
+            Ok(w) => {
+                done += w;
+                break;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// The object is not there: no such file, or a path component is not a directory (the
@@ -486,6 +574,32 @@ mod tests {
 
     fn hexname(c: char) -> String {
         std::iter::repeat_n(c, 64).collect()
+    }
+
+    /// Large puts take the O_DIRECT path (aligned bulk through the bounce buffer, buffered
+    /// tail): every size round-trips byte for byte, including several bounce buffers' worth.
+    #[test]
+    fn large_puts_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(dir.path());
+        b.create_layout().unwrap();
+        for (i, len) in [
+            DIRECT_MIN,
+            DIRECT_MIN + 1,
+            DIRECT_MIN + DIRECT_ALIGN - 1,
+            2 * DIRECT_BOUNCE + DIRECT_ALIGN + 777,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let data: Vec<u8> = (0..len).map(|j| (j * 31 + j / 4096 + i) as u8).collect();
+            let name = hexname(char::from(b'a' + i as u8));
+            b.put(ObjectKind::Pack, &name, &data).unwrap();
+            assert!(
+                b.get(ObjectKind::Pack, &name).unwrap() == data,
+                "size {len}"
+            );
+        }
     }
 
     #[test]

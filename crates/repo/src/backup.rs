@@ -444,6 +444,12 @@ fn packer(run: &Run<'_>, rx: Receiver<Blob>) -> Result<Packed> {
     // Rendezvous channel: a full pack waits in the packer until an uploader is free.
     let (up_tx, up_rx) = sync_channel::<PackWriter>(0);
     let up_rx = Mutex::new(up_rx);
+    // Buffers of written packs, reused for the next ones (at most one per uploader plus one).
+    let spare: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+    let new_writer = || {
+        let buf = spare.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        PackWriter::with_buffer(pack_size, buf.unwrap_or_default())
+    };
     std::thread::scope(|scope| {
         for _ in 0..UPLOADERS {
             scope.spawn(|| loop {
@@ -452,8 +458,9 @@ fn packer(run: &Run<'_>, rx: Receiver<Blob>) -> Result<Packed> {
                 if run.abort.load(Ordering::Relaxed) {
                     continue;
                 }
-                match repo.save_pack(writer) {
-                    Ok((id, size, entries)) => {
+                match repo.save_pack_reuse(writer) {
+                    Ok(((id, size, entries), buf)) => {
+                        spare.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
                         let mut o = out.lock().unwrap_or_else(|p| p.into_inner());
                         o.bytes_stored += size;
                         o.packs.push((id, entries));
@@ -462,7 +469,7 @@ fn packer(run: &Run<'_>, rx: Receiver<Blob>) -> Result<Packed> {
                 }
             });
         }
-        let mut writer = PackWriter::new(pack_size);
+        let mut writer = new_writer();
         for blob in rx {
             if run.abort.load(Ordering::Relaxed) {
                 // A failed run writes nothing more; keep draining so no worker blocks.
@@ -480,7 +487,7 @@ fn packer(run: &Run<'_>, rx: Receiver<Blob>) -> Result<Packed> {
                 blob.sealed,
             );
             if writer.is_full() {
-                let full = std::mem::replace(&mut writer, PackWriter::new(pack_size));
+                let full = std::mem::replace(&mut writer, new_writer());
                 if up_tx.send(full).is_err() {
                     break;
                 }

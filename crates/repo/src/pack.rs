@@ -67,8 +67,16 @@ impl PackWriter {
     /// A writer whose [`PackWriter::is_full`] turns true at `target_size` bytes (the
     /// repository's `pack_size`).
     pub fn new(target_size: u64) -> PackWriter {
+        PackWriter::with_buffer(target_size, Vec::new())
+    }
+
+    /// Like [`PackWriter::new`], reusing the allocation of an earlier pack's file (see
+    /// [`crate::repository::Repository::save_pack_reuse`]): a fresh pack buffer is tens of MiB
+    /// that the kernel must fault in and zero page by page, for every pack of a backup.
+    pub fn with_buffer(target_size: u64, mut buf: Vec<u8>) -> PackWriter {
+        buf.clear();
         PackWriter {
-            buf: Vec::new(),
+            buf,
             entries: Vec::new(),
             target_size,
         }

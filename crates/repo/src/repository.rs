@@ -624,9 +624,18 @@ impl Repository {
 
     /// Finish and store a pack. Returns (pack id, pack size, blobs).
     pub fn save_pack(&self, writer: PackWriter) -> Result<(Id, u64, Vec<BlobEntry>)> {
+        self.save_pack_reuse(writer).map(|(saved, _)| saved)
+    }
+
+    /// Like [`Repository::save_pack`], also handing back the pack's buffer for
+    /// [`PackWriter::with_buffer`].
+    pub fn save_pack_reuse(
+        &self,
+        writer: PackWriter,
+    ) -> Result<((Id, u64, Vec<BlobEntry>), Vec<u8>)> {
         let (id, bytes, entries) = writer.finish(&self.key);
         self.backend.put(ObjectKind::Pack, &id.to_hex(), &bytes)?;
-        Ok((id, bytes.len() as u64, entries))
+        Ok(((id, bytes.len() as u64, entries), bytes))
     }
 
     /// Store an index file. Returns its id.
