@@ -623,16 +623,13 @@ impl Repository {
     }
 
     /// Finish and store a pack. Returns (pack id, pack size, blobs).
-    pub fn save_pack(&self, writer: PackWriter) -> Result<(Id, u64, Vec<BlobEntry>)> {
+    pub fn save_pack(&self, writer: PackWriter) -> Result<SavedPack> {
         self.save_pack_reuse(writer).map(|(saved, _)| saved)
     }
 
     /// Like [`Repository::save_pack`], also handing back the pack's buffer for
     /// [`PackWriter::with_buffer`].
-    pub fn save_pack_reuse(
-        &self,
-        writer: PackWriter,
-    ) -> Result<((Id, u64, Vec<BlobEntry>), Vec<u8>)> {
+    pub fn save_pack_reuse(&self, writer: PackWriter) -> Result<(SavedPack, Vec<u8>)> {
         let (id, bytes, entries) = writer.finish(&self.key);
         self.backend.put(ObjectKind::Pack, &id.to_hex(), &bytes)?;
         Ok(((id, bytes.len() as u64, entries), bytes))
@@ -648,6 +645,9 @@ impl Repository {
         pack::read_pack_trailer(self.backend.as_ref(), &self.key, pack, size)
     }
 }
+
+/// What [`Repository::save_pack`] stored: (pack id, pack size, blobs).
+pub type SavedPack = (Id, u64, Vec<BlobEntry>);
 
 fn json_bug(e: serde_json::Error) -> Error {
     Error::InvalidArgument(format!("cannot encode as JSON: {e}"))
