@@ -877,14 +877,7 @@ impl Vhd {
         let mtime = std::fs::metadata(parent)
             .and_then(|m| m.modified())
             .map_err(|e| Error::io(format!("cannot stat {}", parent.display()), e))?;
-        let parent_abs = std::fs::canonicalize(parent)
-            .map_err(|e| Error::io(format!("cannot resolve {}", parent.display()), e))?;
-        let child_dir = child
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let child_dir = std::fs::canonicalize(child_dir)
-            .map_err(|e| Error::io(format!("cannot resolve {}", child_dir.display()), e))?;
+        let (parent_abs, child_dir) = resolve_link_paths(parent, child)?;
         let name = parent_abs
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -971,14 +964,7 @@ impl Vhd {
                 vhd.virtual_size
             )));
         }
-        let parent_abs = std::fs::canonicalize(parent)
-            .map_err(|e| Error::io(format!("cannot resolve {}", parent.display()), e))?;
-        let child_dir = child
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let child_dir = std::fs::canonicalize(child_dir)
-            .map_err(|e| Error::io(format!("cannot resolve {}", child_dir.display()), e))?;
+        let (parent_abs, child_dir) = resolve_link_paths(parent, child)?;
         let rel = parent::relative_windows_path(&child_dir, &parent_abs);
         let abs = parent_abs.to_string_lossy().replace('/', "\\");
         let mut header = sp.header.clone();
@@ -1307,4 +1293,21 @@ impl VirtualDiskMut for Vhd {
         let w = self.writer()?.clone();
         self.wio("cannot flush", w.sync())
     }
+}
+
+/// The parent's absolute path and the child's directory, both canonical: what the parent
+/// locators (relative and absolute) of a child at `child` pointing to `parent` are computed from.
+fn resolve_link_paths(
+    parent: &Path,
+    child: &Path,
+) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let parent_abs = std::fs::canonicalize(parent)
+        .map_err(|e| Error::io(format!("cannot resolve {}", parent.display()), e))?;
+    let child_dir = child
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let child_dir = std::fs::canonicalize(child_dir)
+        .map_err(|e| Error::io(format!("cannot resolve {}", child_dir.display()), e))?;
+    Ok((parent_abs, child_dir))
 }

@@ -732,6 +732,17 @@ pub(crate) struct Metadata {
     pub(crate) parent_locator: Option<ParentLocator>,
 }
 
+/// The metadata items this implementation understands (the spec's system metadata); an unknown
+/// item flagged required makes the file unreadable here.
+pub(crate) const KNOWN_METADATA: [Guid; 6] = [
+    FILE_PARAMETERS_GUID,
+    VIRTUAL_DISK_SIZE_GUID,
+    PAGE83_GUID,
+    LOGICAL_SECTOR_SIZE_GUID,
+    PHYSICAL_SECTOR_SIZE_GUID,
+    PARENT_LOCATOR_GUID,
+];
+
 impl Metadata {
     /// Parse the items of `table`; `item(entry)` returns an item's bytes (the caller reads them
     /// from the file, `entry.length` is already bounded by the region).
@@ -739,14 +750,7 @@ impl Metadata {
         table: &MetadataTable,
         mut item: impl FnMut(&MetadataEntry) -> Result<Vec<u8>>,
     ) -> Result<Metadata> {
-        let known = [
-            FILE_PARAMETERS_GUID,
-            VIRTUAL_DISK_SIZE_GUID,
-            PAGE83_GUID,
-            LOGICAL_SECTOR_SIZE_GUID,
-            PHYSICAL_SECTOR_SIZE_GUID,
-            PARENT_LOCATOR_GUID,
-        ];
+        let known = KNOWN_METADATA;
         let mut read = |id: Guid, min: u32| -> Result<Option<Vec<u8>>> {
             let Some(e) = table.entries.iter().find(|e| e.item_id == id && !e.is_user) else {
                 return Ok(None);

@@ -145,14 +145,7 @@ fn rewrite_locator_inner(
         "metadata table",
     )?;
     let table = MetadataTable::parse(&table_bytes, regions.metadata_length)?;
-    let known = [
-        FILE_PARAMETERS_GUID,
-        VIRTUAL_DISK_SIZE_GUID,
-        PAGE83_GUID,
-        LOGICAL_SECTOR_SIZE_GUID,
-        PHYSICAL_SECTOR_SIZE_GUID,
-        PARENT_LOCATOR_GUID,
-    ];
+    let known = KNOWN_METADATA;
     if let Some(e) = table
         .entries
         .iter()
