@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use repo::lock::Lock;
 use repo::snapshot::short_id;
@@ -56,6 +56,14 @@ pub enum ReplicaCommand {
         /// With several VMs under DIR: this one.
         #[arg(long)]
         vm: Option<String>,
+        /// Then register the prepared VM with Hyper-V on this host (Compare-VM -Register, the
+        /// failover disks attached, Import-VM), with a new VM id; needs a Windows Hyper-V host
+        /// and administrator rights.
+        #[arg(long)]
+        register: bool,
+        /// With --register: start the VM once registered.
+        #[arg(long, requires = "register")]
+        start: bool,
     },
 }
 
@@ -127,7 +135,14 @@ pub fn run(cli: &Cli, cmd: &ReplicaCommand) -> Result<u8> {
             version,
             flatten,
             vm,
-        } => failover(cli, dir, *version, *flatten, vm.as_deref()),
+            register,
+            start,
+        } => {
+            let register = register.then_some(replica::RegisterOptions {
+                start: *start,
+            });
+            failover(cli, dir, *version, *flatten, vm.as_deref(), register)
+        }
     }
 }
 
@@ -256,13 +271,64 @@ fn failover(
     version: Option<u64>,
     flatten: bool,
     vm: Option<&str>,
+    register: Option<replica::RegisterOptions>,
 ) -> Result<u8> {
+    // Checked before anything is prepared: a failover/ directory left behind by a registration
+    // that could never run would only block replication.
+    let hv = match &register {
+        Some(_) => Some(hyperv_host()?),
+        None => None,
+    };
     let target = replica::find_replica(dir, vm)?;
     let r = replica::failover(&target, &replica::FailoverOptions { version, flatten })?;
+    let registered = match (&hv, &register) {
+        (Some(hv), Some(opts)) => match replica::register(&r, hv, opts) {
+            Ok(reg) => Some(reg),
+            Err(e) => {
+                if !cli.json {
+                    print_prepared(&r, true);
+                }
+                return Err(e.context(format!(
+                    "version {} is prepared in {}, but it is not registered: fix the cause and \
+                     follow the steps above by hand, or delete that directory and run again",
+                    r.version,
+                    r.directory.display()
+                )));
+            }
+        },
+        _ => None,
+    };
     if cli.json {
-        print_json(&r)?;
+        match &registered {
+            Some(reg) => print_json(&serde_json::json!({ "failover": r, "registered": reg }))?,
+            None => print_json(&r)?,
+        }
         return Ok(EXIT_OK);
     }
+    // Once registered, the Hyper-V steps are done; only what concerns the replica still applies.
+    print_prepared(&r, registered.is_none());
+    if let Some(reg) = &registered {
+        println!(
+            "registered with Hyper-V as VM '{}' (id {}), {}, from {}",
+            reg.vm.name,
+            reg.vm.id,
+            if reg.started {
+                "started"
+            } else {
+                "not started (Start-VM to start it)"
+            },
+            reg.config.display()
+        );
+        println!(
+            "replication of {} into this directory refuses to run while {} exists",
+            r.vm,
+            r.directory.display()
+        );
+    }
+    Ok(EXIT_OK)
+}
+
+fn print_prepared(r: &replica::FailoverReport, steps: bool) {
     println!(
         "version {} of {} (snapshot {}, {}) prepared in {}",
         r.version,
@@ -277,9 +343,25 @@ fn failover(
     for f in &r.files {
         println!("  file {}", f.display());
     }
-    println!("next steps:");
-    for (i, s) in r.steps.iter().enumerate() {
-        println!("  {}. {s}", i + 1);
+    if steps {
+        println!("next steps:");
+        for (i, s) in r.steps.iter().enumerate() {
+            println!("  {}. {s}", i + 1);
+        }
     }
-    Ok(EXIT_OK)
+}
+
+/// The local host's Hyper-V (Windows PowerShell, as `hyperkeep preflight` without --config
+/// uses it). Registering writes the VM into this host's Hyper-V, so there is no remote variant.
+fn hyperv_host() -> Result<hypervisor::hyperv::HyperVHypervisor> {
+    if !cfg!(windows) {
+        bail!(
+            "--register needs a Hyper-V host: it runs Compare-VM/Import-VM through Windows \
+             PowerShell on the machine that will run the VM, and this is not Windows\nhint: run \
+             `hyperkeep replica failover --register` on the Hyper-V host (with the replica \
+             directory local or on a share), or run without --register and follow the printed \
+             steps there"
+        );
+    }
+    Ok(hypervisor::hyperv::HyperVHypervisor::local())
 }

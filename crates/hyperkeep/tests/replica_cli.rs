@@ -157,6 +157,25 @@ fn lock_list_and_failover() {
     std::fs::remove_dir_all(to_dir.join("web/failover")).unwrap();
     let out = env.run(&["replica", "failover", &to, "--version", "7"]);
     assert!(both(&out).contains("no version 7"), "{}", both(&out));
+    // --register needs a Hyper-V host: elsewhere it is refused before anything is prepared
+    // (a failover/ left behind would block replication for nothing).
+    if !cfg!(windows) {
+        let out = env.run(&["replica", "failover", &to, "--register", "--start"]);
+        assert_eq!(out.status.code(), Some(EXIT_ERROR), "{}", both(&out));
+        assert!(
+            both(&out).contains("--register needs a Hyper-V host"),
+            "{}",
+            both(&out)
+        );
+        assert!(!to_dir.join("web/failover").exists());
+    }
+    // --start only means something with --register.
+    for flag in ["--start"] {
+        let out = env.run(&["replica", "failover", &to, flag]);
+        assert_eq!(out.status.code(), Some(EXIT_ERROR), "{}", both(&out));
+        assert!(both(&out).contains("--register"), "{}", both(&out));
+        assert!(!to_dir.join("web/failover").exists());
+    }
     let f = env.json(&["replica", "failover", &to, "--flatten"]);
     assert_eq!(f["disks"][0]["kind"], "standalone", "{f}");
     let disk = f["disks"][0]["path"].as_str().unwrap();

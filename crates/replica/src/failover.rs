@@ -10,6 +10,8 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
+use hypervisor::hyperv::scripts::single_quoted;
+use hypervisor::hyperv::{HyperVHypervisor, ImportedVm};
 use serde::Serialize;
 use vdisk::{ConvertOptions, DiskFormat, OpenOptions};
 
@@ -163,21 +165,25 @@ fn steps(vm: &str, disks: &[FailoverDisk], files: &[PathBuf], flat: bool) -> Vec
     match vmcx {
         Some(cfg) => {
             s.push(format!(
-                "Hyper-V (PowerShell, as administrator): $r = Compare-VM -Path '{}' -Register \
-                 -GenerateNewId",
-                cfg.display()
+                "Hyper-V (PowerShell, as administrator; the original VM must not be registered \
+                 on this host): $r = Compare-VM -Path {} -Register",
+                single_quoted(&windows_path(cfg))
             ));
             for d in disks {
                 s.push(format!(
-                    "Hyper-V: attach '{}' in place of {}: $r.Incompatibilities | Where-Object \
+                    "Hyper-V: attach {} in place of {}: $r.Incompatibilities | Where-Object \
                      MessageId -eq 40010 | ForEach-Object {{ Set-VMHardDiskDrive $_.Source -Path \
-                     '{}' }} (once per missing disk, in the VM's disk order)",
-                    d.path.display(),
+                     {} }} (once per missing disk, in the VM's disk order)",
+                    single_quoted(&windows_path(&d.path)),
                     d.name,
-                    d.path.display()
+                    single_quoted(&windows_path(&d.path))
                 ));
             }
-            s.push("Hyper-V: Import-VM -CompatibilityReport $r; then Start-VM".to_string());
+            s.push(
+                "Hyper-V: Import-VM -CompatibilityReport $r; then Start-VM (on the Hyper-V host, \
+                 `replica failover --register [--start]` does these steps)"
+                    .to_string(),
+            );
         }
         None => s.push(format!(
             "Hyper-V: the snapshot of {vm} has no .vmcx; create a VM (New-VM -VHDPath ...) with \
@@ -203,4 +209,79 @@ fn steps(vm: &str, disks: &[FailoverDisk], files: &[PathBuf], flat: bool) -> Vec
             .to_string(),
     );
     s
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct RegisterOptions {
+    /// Start the VM once it is registered.
+    pub start: bool,
+}
+
+/// What [`register`] did.
+#[derive(Clone, Debug, Serialize)]
+pub struct Registered {
+    /// The configuration file Hyper-V registered (in place, in the failover directory).
+    pub config: PathBuf,
+    pub vm: ImportedVm,
+    pub started: bool,
+}
+
+/// Register a prepared failover with Hyper-V: its .vmcx in place, the failover disks attached in
+/// the VM's disk order (see [`HyperVHypervisor::import_vm`]), optionally started.
+pub fn register(
+    report: &FailoverReport,
+    hv: &HyperVHypervisor,
+    opts: &RegisterOptions,
+) -> Result<Registered> {
+    let config = report
+        .files
+        .iter()
+        .find(|f| {
+            f.extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("vmcx"))
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "version {} of {} has no .vmcx configuration file, so Hyper-V cannot register it; \
+                 create a VM with New-VM and attach the disks in {} instead",
+                report.version,
+                report.vm,
+                report.directory.display()
+            )
+        })?;
+    let config_path = PathBuf::from(windows_path(config));
+    let disks: Vec<PathBuf> = report
+        .disks
+        .iter()
+        .map(|d| PathBuf::from(windows_path(&d.path)))
+        .collect();
+    let vm = hv
+        .import_vm(&config_path, &disks, opts.start)
+        .with_context(|| {
+            format!(
+                "registering version {} of VM '{}' with Hyper-V from {} failed",
+                report.version,
+                report.vm,
+                config_path.display()
+            )
+        })?;
+    Ok(Registered {
+        config: config_path,
+        vm,
+        started: opts.start,
+    })
+}
+
+/// `path` as Hyper-V should see it. On Windows the failover paths come from `canonicalize`,
+/// which gives verbatim paths (`\\?\C:\...`, `\\?\UNC\server\share\...`); they would
+/// end up in the VM's configuration, where Hyper-V and people expect the ordinary form.
+pub fn windows_path(path: &Path) -> String {
+    let p = path.to_string_lossy();
+    if let Some(rest) = p.strip_prefix(r"\\?\UNC\") {
+        format!(r"\\{rest}")
+    } else if let Some(rest) = p.strip_prefix(r"\\?\") {
+        rest.to_string()
+    } else {
+        p.into_owned()
+    }
 }

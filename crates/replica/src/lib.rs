@@ -50,7 +50,9 @@ use repo::index::Index;
 use repo::repository::Repository;
 use serde::Serialize;
 
-pub use failover::{failover, FailoverOptions, FailoverReport};
+pub use failover::{
+    failover, register, FailoverOptions, FailoverReport, RegisterOptions, Registered,
+};
 pub use replicate::{replicate, DiskReport, ReplicateOptions, ReplicateReport, REPLICA_BLOCK_SIZE};
 pub use verify::{verify, VerifyReport, VersionCheck};
 

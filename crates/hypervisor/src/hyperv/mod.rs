@@ -14,7 +14,7 @@ pub mod scripts;
 
 use std::collections::HashMap;
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -173,6 +173,16 @@ impl PowerShellRunner for CannedRunner {
     }
 }
 
+/// A VM [`HyperVHypervisor::import_vm`] registered.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ImportedVm {
+    pub name: String,
+    pub id: String,
+    pub state: crate::VmState,
+    /// The virtual disks the registered VM uses, in drive order.
+    pub disks: Vec<PathBuf>,
+}
+
 /// Hyper-V behind [`Hypervisor`].
 pub struct HyperVHypervisor {
     runner: Box<dyn PowerShellRunner>,
@@ -252,6 +262,71 @@ impl HyperVHypervisor {
         Ok(strategy::plan_with(&vm.to_info(), mode, &inputs))
     }
 
+    /// Register the configuration `config` (a .vmcx, left where it is) as a VM using `disks`
+    /// (in the VM's drive order, pass-through disks excluded) in place of the disks it names;
+    /// the VM keeps the id in the configuration (see [`scripts::IMPORT_VM`]); `start`: start it.
+    /// Refused, with Hyper-V's list, when the configuration has incompatibilities other than
+    /// missing virtual disks (a missing virtual switch, processor features...).
+    pub fn import_vm(
+        &self,
+        config: &Path,
+        disks: &[PathBuf],
+        start: bool,
+    ) -> Result<ImportedVm> {
+        let what = config.to_string_lossy();
+        let doc = self.call(
+            Op::ImportVm,
+            None, // the caller names the VM; the path is in the script's own messages
+            json!({
+                "Config": what,
+                "Disks": disks.iter().map(|d| d.to_string_lossy()).collect::<Vec<_>>(),
+                "Start": start,
+            }),
+        )?;
+        let field = |k: &str| {
+            parse::string(doc.get(k)).ok_or_else(|| {
+                Error::Parse(format!(
+                    "import-vm of '{what}': no {k} in {doc} (the VM may have been registered: \
+                     check Get-VM)"
+                ))
+            })
+        };
+        let vm = ImportedVm {
+            name: field("Name")?,
+            id: field("Id")?,
+            state: parse::vm_state(doc.get("State")),
+            disks: strings(doc.get("Disks"))
+                .into_iter()
+                .map(PathBuf::from)
+                .collect(),
+        };
+        // Hyper-V compares paths without regard to case; so do we.
+        let same = vm.disks.len() == disks.len()
+            && vm.disks.iter().zip(disks).all(|(a, b)| {
+                a.to_string_lossy()
+                    .eq_ignore_ascii_case(&b.to_string_lossy())
+            });
+        if !same {
+            return Err(Error::Operation(format!(
+                "VM '{}' (id {}) was registered from '{what}' but uses the disks [{}] instead \
+                 of the failover disks [{}]; remove it (Remove-VM) before starting it",
+                vm.name,
+                vm.id,
+                join_paths(&vm.disks),
+                join_paths(disks)
+            )));
+        }
+        if start && !matches!(vm.state, crate::VmState::Running | crate::VmState::Starting) {
+            return Err(Error::Operation(format!(
+                "VM '{}' (id {}) was registered but is {} after Start-VM, not Running",
+                vm.name,
+                vm.id,
+                parse::string(doc.get("State")).unwrap_or_else(|| "in an unknown state".into())
+            )));
+        }
+        Ok(vm)
+    }
+
     fn expect_state(&self, op: Op, vm: &str, doc: &Value, want: &str) -> Result<()> {
         let state = parse::string(doc.get("State")).unwrap_or_else(|| "unknown".into());
         if parse::vm_state(doc.get("State")) == parse::vm_state(Some(&Value::from(want))) {
@@ -270,6 +345,13 @@ fn strings(v: Option<&Value>) -> Vec<String> {
         .into_iter()
         .filter_map(|s| parse::string(Some(s)))
         .collect()
+}
+
+fn join_paths(p: &[PathBuf]) -> String {
+    p.iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn handle_frozen(c: &Checkpoint) -> Vec<String> {

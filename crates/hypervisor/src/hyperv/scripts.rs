@@ -25,10 +25,11 @@ pub enum Op {
     StopVm,
     WaitBooted,
     CleanupLeftovers,
+    ImportVm,
 }
 
 impl Op {
-    pub const ALL: [Op; 9] = [
+    pub const ALL: [Op; 10] = [
         Op::Inventory,
         Op::CreateCheckpoint,
         Op::ReleaseCheckpoint,
@@ -38,6 +39,7 @@ impl Op {
         Op::StopVm,
         Op::WaitBooted,
         Op::CleanupLeftovers,
+        Op::ImportVm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +53,7 @@ impl Op {
             Op::StopVm => "stop-vm",
             Op::WaitBooted => "wait-booted",
             Op::CleanupLeftovers => "cleanup-leftovers",
+            Op::ImportVm => "import-vm",
         }
     }
 
@@ -66,6 +69,7 @@ impl Op {
             Op::StopVm => STOP_VM,
             Op::WaitBooted => WAIT_BOOTED,
             Op::CleanupLeftovers => CLEANUP_LEFTOVERS,
+            Op::ImportVm => IMPORT_VM,
         }
     }
 
@@ -327,6 +331,76 @@ if (@(Get-VMSnapshot -VM $vm).Count -eq 0) {
 }
 ConvertTo-Json -Compress -InputObject ([pscustomobject]@{ Removed = @($removed) })
 "#;
+
+/// Register the configuration `$A.Config` (a .vmcx) in place as a new VM whose virtual disks
+/// are `$A.Disks`, given in the VM's drive order (pass-through disks excluded, as the backup
+/// recorded them), keeping the VM id the configuration holds: `-GenerateNewId` only goes with
+/// `-Copy` (which would copy the disks again), so the original VM must not be registered on this
+/// host (the failover case: its host is gone), else Hyper-V refuses with its own message.
+/// `$A.Start`: start it once registered. Incompatibilities other than a missing virtual disk
+/// (MessageId 40010) are refused, listed, before anything is registered.
+pub const IMPORT_VM: &str = r#"$r = Compare-VM -Path $A.Config -Register
+# An empty or null list must give no entries ($null piped on would count as one).
+$inc = @($r.Incompatibilities | Where-Object { $null -ne $_ })
+$other = @($inc | Where-Object { $_.MessageId -ne 40010 })
+if ($other.Count -gt 0) {
+  $list = ($other | ForEach-Object { "[$($_.MessageId)] $($_.Message)" }) -join '; '
+  throw "Hyper-V cannot register '$($A.Config)' as it is: $list. Nothing was registered; resolve these by hand (Compare-VM, then Import-VM -CompatibilityReport)"
+}
+$disks = @($A.Disks)
+$drives = @(Get-VMHardDiskDrive -VM $r.VM | Where-Object { $null -eq $_.DiskNumber })
+if ($drives.Count -ne $disks.Count) { throw "the configuration has $($drives.Count) virtual disk drive(s) but $($disks.Count) failover disk(s) were given" }
+function Get-HkSlot($D) { "$($D.ControllerType)/$($D.ControllerNumber)/$($D.ControllerLocation)" }
+$slots = @($drives | ForEach-Object { Get-HkSlot $_ })
+$done = @{}
+foreach ($i in @($inc | Where-Object { $_.MessageId -eq 40010 })) {
+  $k = [array]::IndexOf($slots, (Get-HkSlot $i.Source))
+  if ($k -lt 0) { throw "a missing disk at controller slot $(Get-HkSlot $i.Source) is not one of the VM's virtual disk drives" }
+  Set-VMHardDiskDrive -VMHardDiskDrive $i.Source -Path $disks[$k]
+  $done[$k] = $true
+}
+for ($k = 0; $k -lt $drives.Count; $k++) {
+  # A disk still found at its original path (failover on the source host) must not be used:
+  # the new VM would write into the original VM's disk.
+  if (-not $done[$k] -and $drives[$k].Path -ne $disks[$k]) { Set-VMHardDiskDrive -VMHardDiskDrive $drives[$k] -Path $disks[$k] }
+}
+# Re-checked: Import-VM needs a report without incompatibilities.
+$r = Compare-VM -CompatibilityReport $r
+$inc = @($r.Incompatibilities | Where-Object { $null -ne $_ })
+if ($inc.Count -gt 0) {
+  $list = ($inc | ForEach-Object { "[$($_.MessageId)] $($_.Message)" }) -join '; '
+  throw "Hyper-V still reports incompatibilities after attaching the failover disks: $list. Nothing was registered"
+}
+$vm = Import-VM -CompatibilityReport $r
+if ($A.Start) {
+  try { Start-VM -VM $vm } catch { throw "VM '$($vm.Name)' (id $($vm.Id)) was registered but did not start: $($_.Exception.Message)" }
+}
+$vm = Get-VM -Id $vm.Id
+ConvertTo-Json -Depth 4 -Compress -InputObject ([pscustomobject]@{
+  Name = $vm.Name
+  Id = $vm.Id.ToString()
+  State = $vm.State.ToString()
+  Disks = @(Get-HkDrives $vm | Where-Object { $null -eq $_.DiskNumber } | ForEach-Object { $_.Path })
+})
+"#;
+
+/// `text` as a PowerShell single-quoted string literal (no expansion; `'` doubled), for the
+/// commands hyperkeep prints for people to paste. Scripts never need it: values reach them as
+/// JSON on stdin.
+pub fn single_quoted(text: &str) -> String {
+    // PowerShell also ends a single-quoted string at the typographic quotes U+2018/U+2019/
+    // U+201A/U+201B; doubling each of them keeps them literal too.
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('\'');
+    for ch in text.chars() {
+        if matches!(ch, '\'' | '\u{2018}' | '\u{2019}' | '\u{201A}' | '\u{201B}') {
+            out.push(ch);
+        }
+        out.push(ch);
+    }
+    out.push('\'');
+    out
+}
 
 /// The command line that runs `script` (arguments go to stdin, see the module docs).
 pub fn command_line(script: &str) -> Vec<String> {
