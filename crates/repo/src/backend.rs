@@ -205,11 +205,12 @@ const DIRECT_BOUNCE: usize = 8 << 20;
 /// a backup) go through O_DIRECT on Linux: a buffered write copies every byte into the page cache
 /// (in a backup's profile that kernel copy cost about as much CPU as BLAKE3 plus encryption),
 /// while the data is written once and never read back by this process. The aligned bulk is
-/// copied into an aligned bounce buffer (a user-space memcpy of a few MiB that stays in cache)
-/// and written direct; the unaligned tail is written buffered. Durability is unchanged: the
-/// caller still fsyncs the file (metadata, the buffered tail) before the rename. Where O_DIRECT
-/// is refused (file systems without it, EINVAL for other alignments) the write falls back to the
-/// buffered path.
+/// written direct, straight from `data` when it starts 4096-aligned in memory (packs, which
+/// `PackWriter` builds that way), else copied through an aligned bounce buffer (a user-space
+/// memcpy of a few MiB that stays in cache); the unaligned tail is written buffered.
+/// Durability is unchanged: the caller still fsyncs the file (metadata, the buffered tail)
+/// before the rename. Where O_DIRECT is refused (file systems without it, EINVAL for other
+/// alignments) the write falls back to the buffered path.
 fn write_data(file: &mut File, data: &[u8]) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     if data.len() >= DIRECT_MIN {
@@ -238,20 +239,27 @@ fn write_direct(file: &mut File, data: &[u8]) -> std::io::Result<()> {
         // costs page faults and zeroing comparable to the copy it serves.
         static BOUNCE: std::cell::RefCell<Vec<Block>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    let result = BOUNCE.with(|b| {
-        let mut blocks = b.borrow_mut();
-        if blocks.is_empty() {
-            *blocks = vec![Block([0; DIRECT_ALIGN]); DIRECT_BOUNCE / DIRECT_ALIGN];
-        }
-        // SAFETY: `Block` is plain bytes with no padding; the slice covers exactly the blocks.
-        let bounce: &mut [u8] = unsafe {
-            std::slice::from_raw_parts_mut(
-                blocks.as_mut_ptr().cast::<u8>(),
-                blocks.len() * DIRECT_ALIGN,
-            )
-        };
-        direct_bulk(file, data, bounce)
-    });
+    // A buffer that is already aligned (a pack built in place by `PackWriter`) is written
+    // straight from where it is: the bounce copy exists only for alignment.
+    let result = if (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
+        direct_bulk_aligned(file, data)
+    } else {
+        BOUNCE.with(|b| {
+            let mut blocks = b.borrow_mut();
+            if blocks.is_empty() {
+                *blocks = vec![Block([0; DIRECT_ALIGN]); DIRECT_BOUNCE / DIRECT_ALIGN];
+            }
+            // SAFETY: `Block` is plain bytes with no padding; the slice covers exactly the
+            // blocks.
+            let bounce: &mut [u8] = unsafe {
+                std::slice::from_raw_parts_mut(
+                    blocks.as_mut_ptr().cast::<u8>(),
+                    blocks.len() * DIRECT_ALIGN,
+                )
+            };
+            direct_bulk(file, data, bounce)
+        })
+    };
     set(flags);
     match result {
         Ok(done) => file.write_all(&data[done..]),
@@ -269,6 +277,28 @@ fn direct_bulk(file: &mut File, data: &[u8], bounce: &mut [u8]) -> std::io::Resu
         let n = bounce.len().min(bulk - done);
         bounce[..n].copy_from_slice(&data[done..done + n]);
         match file.write(&bounce[..n]) {
+            Ok(w) if w == n => done += n,
+            // A short or refused direct write: finish buffered from where the file stands.
+            Ok(w) => {
+                done += w;
+                break;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Like [`direct_bulk`] for `data` that starts 4096-aligned in memory: written from `data`
+/// itself, in pieces of the bounce buffer's size like the copying path.
+#[cfg(target_os = "linux")]
+fn direct_bulk_aligned(file: &mut File, data: &[u8]) -> std::io::Result<usize> {
+    let bulk = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+    let mut done = 0;
+    while done < bulk {
+        let n = DIRECT_BOUNCE.min(bulk - done);
+        match file.write(&data[done..done + n]) {
             Ok(w) if w == n => done += n,
             // A short or refused direct write: finish buffered from where the file stands.
             Ok(w) => {

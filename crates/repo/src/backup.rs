@@ -3,17 +3,18 @@
 //! ```text
 //! plan (main thread): allocation maps (+ change list) -> list of (source, chunk) jobs
 //! workers × N:  claim job (atomic counter) -> read_at -> zero check -> keyed BLAKE3
-//!               -> dedup (index + ids new in this run) -> zstd -> seal ──bounded channel──┐
-//! packer:       PackWriter up to pack_size -> put pack ◄────────────────────────────────────┘
+//!               -> dedup (index + ids new in this run) -> zstd ──bounded channel──────────┐
+//! packer:       seal into PackWriter up to pack_size -> put pack ◄──────────────────────────┘
 //! main:         tables -> tree blobs (into packs too) -> index file -> snapshot (last)
 //! ```
 //!
 //! Why this shape: fixed-size chunks aligned to the disk make every chunk independent, so the
-//! expensive work (hashing, compression, encryption) runs on all cores *inside one disk* instead
-//! of one disk per core; restic and Borg chunk a file on one core. Only ranges the disk's own
-//! allocation table marks as data are read, so a sparse 64 GiB disk costs what its data costs.
+//! expensive work (hashing, compression) runs on all cores *inside one disk* instead of one disk
+//! per core; restic and Borg chunk a file on one core. Only ranges the disk's own allocation
+//! table marks as data are read, so a sparse 64 GiB disk costs what its data costs. Encryption
+//! runs in the packer, straight into the pack buffer, overlapping with the workers.
 //! Memory stays flat: each worker owns one chunk buffer, the channel to the packer holds a few
-//! sealed blobs, the packer one pack; only the chunk tables (32 bytes per chunk) grow with the
+//! compressed blobs, the packer one pack; only the chunk tables (32 bytes per chunk) grow with the
 //! disk.
 //!
 //! Incrementals: every backup deduplicates against the whole repository, so an unchanged chunk
@@ -343,13 +344,16 @@ fn data_chunks(
     Ok(())
 }
 
-/// A sealed blob on its way to the packer.
+/// A blob on its way to the packer, not yet sealed: the packer seals it straight into the pack
+/// buffer (see [`PackWriter::add_sealing`]), which saves a copy of every stored byte compared
+/// with sealing into a buffer of its own here and copying that into the pack.
 struct Blob {
     id: Id,
     kind: BlobKind,
     compressed: bool,
     raw_len: u32,
-    sealed: Vec<u8>,
+    /// The zstd frame, or the raw bytes when compression does not pay.
+    payload: Vec<u8>,
 }
 
 /// A worker's zstd context and output buffer, reused for every chunk.
@@ -383,8 +387,8 @@ impl Run<'_> {
         }
     }
 
-    /// Hash `raw`, and if the repository doesn't have it yet, compress and seal it for the
-    /// packer. Returns the id and the sealed blob if it must be stored.
+    /// Hash `raw`, and if the repository doesn't have it yet, compress it for the packer
+    /// (which seals it). Returns the id and the blob if it must be stored.
     fn prepare(
         &self,
         raw: &[u8],
@@ -406,19 +410,24 @@ impl Run<'_> {
         }
         // A worker's own compressor keeps its zstd context and output buffer across chunks
         // (creating them per chunk costs allocations comparable to compressing at level 1).
-        let (compressed, sealed) = match compressor {
+        // The frame is handed over by moving the output buffer (the next chunk gets a fresh
+        // one), so the payload is not copied on its way to the packer.
+        let (compressed, payload) = match compressor {
             Some(z) => match z.ctx.compress_to_buffer(raw, &mut z.out) {
-                Ok(n) if n < raw.len() => (true, key.seal(&z.out[..n])),
-                _ => (false, key.seal(raw)),
+                Ok(n) if n < raw.len() => {
+                    let fresh = Vec::with_capacity(z.out.capacity());
+                    (true, std::mem::replace(&mut z.out, fresh))
+                }
+                _ => (false, raw.to_vec()),
             },
-            None => pack::seal_blob(key, self.level, raw),
+            None => pack::compress(self.level, raw),
         };
         let blob = Blob {
             id,
             kind,
             compressed,
             raw_len: raw.len() as u32,
-            sealed,
+            payload,
         };
         (id, Some(blob))
     }
@@ -436,7 +445,7 @@ struct Packed {
 /// workers would stall for every pack. Memory: one pack filling plus this many being written.
 const UPLOADERS: usize = 2;
 
-/// Collects sealed blobs into packs; full packs go to the uploaders.
+/// Seals blobs into packs; full packs go to the uploaders.
 fn packer(run: &Run<'_>, rx: Receiver<Blob>) -> Result<Packed> {
     let repo = run.repo;
     let pack_size = repo.config().pack_size;
@@ -475,16 +484,17 @@ fn packer(run: &Run<'_>, rx: Receiver<Blob>) -> Result<Packed> {
                 // A failed run writes nothing more; keep draining so no worker blocks.
                 continue;
             }
-            writer.add(
+            writer.add_sealing(
+                repo.key(),
                 BlobEntry {
                     id: blob.id,
                     kind: blob.kind,
                     compressed: blob.compressed,
                     offset: 0,
-                    stored_len: blob.sealed.len() as u32,
+                    stored_len: 0,
                     raw_len: blob.raw_len,
                 },
-                blob.sealed,
+                &blob.payload,
             );
             if writer.is_full() {
                 let full = std::mem::replace(&mut writer, new_writer());

@@ -208,6 +208,13 @@ impl MasterKey {
         seal_with(&self.enc, plaintext)
     }
 
+    /// Like [`MasterKey::seal`], appending the sealed object to `out`: a pack writer seals
+    /// straight into the pack buffer, so the ciphertext is written once instead of being built
+    /// in a buffer of its own and then copied into the pack.
+    pub fn seal_append(&self, out: &mut Vec<u8>, plaintext: &[u8]) {
+        seal_append_with(&self.enc, out, plaintext)
+    }
+
     /// Check and decrypt what [`MasterKey::seal`] produced.
     pub fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {
         open_with(&self.enc, sealed)
@@ -235,19 +242,25 @@ impl MasterKey {
 }
 
 fn seal_with(key: &[u8; 32], plaintext: &[u8]) -> Vec<u8> {
-    let cipher = XChaCha20Poly1305::new(key.into());
     let mut out = Vec::with_capacity(SEAL_OVERHEAD + plaintext.len());
-    out.resize(NONCE_LEN, 0);
-    random_bytes(&mut out[..NONCE_LEN]);
+    seal_append_with(key, &mut out, plaintext);
+    out
+}
+
+fn seal_append_with(key: &[u8; 32], out: &mut Vec<u8>, plaintext: &[u8]) {
+    let cipher = XChaCha20Poly1305::new(key.into());
+    let start = out.len();
+    out.reserve(SEAL_OVERHEAD + plaintext.len());
+    out.resize(start + NONCE_LEN, 0);
+    random_bytes(&mut out[start..]);
     out.extend_from_slice(plaintext);
     // In place: chunks are a MiB each, and a second buffer per chunk would cost a copy.
-    let (nonce, body) = out.split_at_mut(NONCE_LEN);
+    let (nonce, body) = out[start..].split_at_mut(NONCE_LEN);
     // Encryption only fails for plaintexts beyond 256 GiB, which no caller produces.
     let tag = cipher
         .encrypt_in_place_detached(XNonce::from_slice(nonce), b"", body)
         .expect("XChaCha20-Poly1305 plaintext too long");
     out.extend_from_slice(&tag);
-    out
 }
 
 fn open_with(key: &[u8; 32], sealed: &[u8]) -> Result<Vec<u8>, CryptoError> {

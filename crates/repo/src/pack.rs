@@ -26,6 +26,8 @@ use crate::{Error, Result};
 pub const PACK_MAGIC: &[u8; 8] = b"HKPACK01";
 /// Bytes after the sealed trailer: its length (u32 LE) and the magic.
 pub const PACK_FOOTER_LEN: u64 = 12;
+/// Alignment of a pack in its writer's buffer: what O_DIRECT needs (see `backend.rs`).
+const PACK_ALIGN: usize = 4096;
 /// Bytes per trailer entry.
 pub const TRAILER_ENTRY_LEN: usize = 58;
 
@@ -58,7 +60,14 @@ pub struct BlobEntry {
 /// Collects sealed blobs in memory until the pack is big enough, then produces the pack file.
 #[derive(Debug)]
 pub struct PackWriter {
+    /// `buf[start..]` is the pack. The `start` bytes before it are padding that puts the pack
+    /// at a 4096-aligned address, so the backend can write it with O_DIRECT straight from
+    /// this buffer instead of copying it through an aligned bounce buffer (a copy of every
+    /// stored byte). Plain `Vec<u8>` with padding rather than an aligned allocation: no unsafe
+    /// code, and if the buffer ever has to grow and moves, the pack is only unaligned, which
+    /// the backend handles with its bounce buffer.
     buf: Vec<u8>,
+    start: usize,
     entries: Vec<BlobEntry>,
     target_size: u64,
 }
@@ -77,6 +86,7 @@ impl PackWriter {
         buf.clear();
         PackWriter {
             buf,
+            start: 0,
             entries: Vec::new(),
             target_size,
         }
@@ -89,24 +99,46 @@ impl PackWriter {
 
     /// Like [`PackWriter::add`], without taking ownership.
     pub fn add_slice(&mut self, mut entry: BlobEntry, sealed: &[u8]) {
-        entry.offset = self.buf.len() as u64;
+        self.reserve_once();
+        entry.offset = self.size();
         // Blobs are chunks of at most the repository's chunk size (16 MiB at most), so this
         // cannot overflow for anything a caller of this crate produces.
         entry.stored_len = u32::try_from(sealed.len()).expect("blob larger than 4 GiB");
-        if self.buf.is_empty() {
-            // Room for the target plus the blob that crosses it and the trailer, so the
-            // buffer is allocated once rather than doubled past the target.
-            let target = self.target_size.min(1 << 30);
-            self.buf
-                .reserve(usize::try_from(target + target / 4).unwrap_or(0) + 4096);
-        }
         self.buf.extend_from_slice(sealed);
         self.entries.push(entry);
     }
 
+    /// Seal `payload` (the zstd frame or raw bytes of the blob) straight into the pack and
+    /// append it: the same bytes as [`PackWriter::add`] of `key.seal(payload)`, without a
+    /// sealed copy of every blob on its way into the pack. `entry.offset` and
+    /// `entry.stored_len` are filled in here.
+    pub fn add_sealing(&mut self, key: &MasterKey, mut entry: BlobEntry, payload: &[u8]) {
+        self.reserve_once();
+        entry.offset = self.size();
+        // As in `add_slice`: blobs are at most 16 MiB.
+        entry.stored_len =
+            u32::try_from(payload.len() + SEAL_OVERHEAD).expect("blob larger than 4 GiB");
+        key.seal_append(&mut self.buf, payload);
+        self.entries.push(entry);
+    }
+
+    fn reserve_once(&mut self) {
+        if self.buf.is_empty() {
+            // Room for the target plus the blob that crosses it and the trailer, so the
+            // buffer is allocated once rather than doubled past the target; plus the padding
+            // to the aligned start.
+            let target = self.target_size.min(1 << 30);
+            self.buf
+                .reserve(usize::try_from(target + target / 4).unwrap_or(0) + 2 * PACK_ALIGN);
+            let misalign = self.buf.as_ptr() as usize % PACK_ALIGN;
+            self.start = (PACK_ALIGN - misalign) % PACK_ALIGN;
+            self.buf.resize(self.start, 0);
+        }
+    }
+
     /// Bytes of blobs so far.
     pub fn size(&self) -> u64 {
-        self.buf.len() as u64
+        (self.buf.len() - self.start) as u64
     }
 
     /// Blobs so far.
@@ -131,8 +163,22 @@ impl PackWriter {
     /// Append the sealed trailer and footer. Returns the pack's name (BLAKE3 of the file), the
     /// file, and its blobs.
     pub fn finish(self, key: &MasterKey) -> (Id, Vec<u8>, Vec<BlobEntry>) {
+        let (id, mut buf, start, entries) = self.finish_in_place(key);
+        // Only callers that keep the file in memory get here; the repository's pack writes
+        // use `finish_in_place` and write from the aligned start without this move.
+        buf.drain(..start);
+        (id, buf, entries)
+    }
+
+    /// Like [`PackWriter::finish`], leaving the pack where it was built: the file is
+    /// `buf[start..]` (4096-aligned in memory unless the buffer had to grow). Returns the
+    /// pack's name, the buffer, `start`, and the blobs.
+    pub fn finish_in_place(self, key: &MasterKey) -> (Id, Vec<u8>, usize, Vec<BlobEntry>) {
         let PackWriter {
-            mut buf, entries, ..
+            mut buf,
+            start,
+            entries,
+            ..
         } = self;
         let mut plain = Vec::with_capacity(4 + entries.len() * TRAILER_ENTRY_LEN);
         plain.extend_from_slice(&(entries.len() as u32).to_le_bytes());
@@ -152,8 +198,8 @@ impl PackWriter {
         buf.extend_from_slice(&sealed);
         buf.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
         buf.extend_from_slice(PACK_MAGIC);
-        let id = hash(&buf);
-        (id, buf, entries)
+        let id = hash(&buf[start..]);
+        (id, buf, start, entries)
     }
 }
 
@@ -478,6 +524,43 @@ mod tests {
             parse_pack(&MasterKey::generate(), &id, &bytes),
             Err(Error::Corrupt { .. })
         ));
+    }
+
+    #[test]
+    fn sealing_in_place_builds_the_same_pack_aligned() {
+        // `add_sealing` + `finish_in_place` (the backup's path) must give a pack of the same
+        // layout as `add` of separately sealed blobs + `finish`, starting 4096-aligned.
+        let key = MasterKey::generate();
+        let chunks = sample_chunks();
+        let mut w = PackWriter::with_buffer(1 << 20, Vec::new());
+        for raw in &chunks {
+            let (compressed, payload) = compress(1, raw);
+            let entry = BlobEntry {
+                id: key.chunk_id(raw),
+                kind: BlobKind::Data,
+                compressed,
+                offset: 0,
+                stored_len: 0,
+                raw_len: raw.len() as u32,
+            };
+            w.add_sealing(&key, entry, &payload);
+        }
+        let (id, buf, start, entries) = w.finish_in_place(&key);
+        let bytes = &buf[start..];
+        assert!((bytes.as_ptr() as usize).is_multiple_of(PACK_ALIGN));
+        assert_eq!(id, hash(bytes));
+        assert_eq!(parse_pack(&key, &id, bytes).unwrap(), entries);
+        let (_, plain, plain_entries) = build(&key, &chunks);
+        assert_eq!(
+            bytes.len(),
+            plain.len(),
+            "same layout, only the nonces differ"
+        );
+        for ((e, p), raw) in entries.iter().zip(&plain_entries).zip(&chunks) {
+            assert_eq!((e.offset, e.stored_len), (p.offset, p.stored_len));
+            let sealed = &bytes[e.offset as usize..(e.offset + u64::from(e.stored_len)) as usize];
+            assert_eq!(&open_blob(&key, &id, e, sealed, 1 << 20).unwrap(), raw);
+        }
     }
 
     #[test]

@@ -416,10 +416,9 @@ fn refuse(why: String) -> Error {
 }
 
 fn store_pack(repo: &Repository, w: PackWriter, report: &mut PruneReport) -> Result<IndexPack> {
-    let (id, bytes, blobs) = w.finish(repo.key());
-    repo.backend().put(ObjectKind::Pack, &id.to_hex(), &bytes)?;
+    let (id, size, blobs) = repo.save_pack(w)?;
     report.packs_written += 1;
-    report.bytes_written += bytes.len() as u64;
+    report.bytes_written += size;
     Ok(IndexPack { id, blobs })
 }
 

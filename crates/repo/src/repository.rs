@@ -630,9 +630,12 @@ impl Repository {
     /// Like [`Repository::save_pack`], also handing back the pack's buffer for
     /// [`PackWriter::with_buffer`].
     pub fn save_pack_reuse(&self, writer: PackWriter) -> Result<(SavedPack, Vec<u8>)> {
-        let (id, bytes, entries) = writer.finish(&self.key);
-        self.backend.put(ObjectKind::Pack, &id.to_hex(), &bytes)?;
-        Ok(((id, bytes.len() as u64, entries), bytes))
+        // In place: the pack starts 4096-aligned in the buffer, so the local backend writes it
+        // with O_DIRECT without copying it into its bounce buffer.
+        let (id, bytes, start, entries) = writer.finish_in_place(&self.key);
+        let pack = &bytes[start..];
+        self.backend.put(ObjectKind::Pack, &id.to_hex(), pack)?;
+        Ok(((id, pack.len() as u64, entries), bytes))
     }
 
     /// Store an index file. Returns its id.
