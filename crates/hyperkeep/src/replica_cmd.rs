@@ -138,9 +138,7 @@ pub fn run(cli: &Cli, cmd: &ReplicaCommand) -> Result<u8> {
             register,
             start,
         } => {
-            let register = register.then_some(replica::RegisterOptions {
-                start: *start,
-            });
+            let register = register.then_some(replica::RegisterOptions { start: *start });
             failover(cli, dir, *version, *flatten, vm.as_deref(), register)
         }
     }

@@ -6,7 +6,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -97,7 +97,22 @@ fn prune_beside_a_backup_loses_nothing() {
         let backup_first = round % 2 == 0;
         let delay = Duration::from_micros(rng.below(took.as_micros() as u64 * 2 / 3 + 1));
         let (b, p) = if backup_first {
-            let b = env.spawn(&bargs);
+            // "Backup first" means the backup holds its (shared) lock when prune starts: wait
+            // for its lock object, else a loaded machine may start prune before the backup
+            // process has got that far, and the backup then rightly finds prune's lock.
+            let before = repo_files(&env.repo, "locks").len();
+            let mut b = env.spawn(&bargs);
+            let t = Instant::now();
+            while repo_files(&env.repo, "locks").len() <= before {
+                if b.try_wait().unwrap().is_some() {
+                    break; // finished already (its output is checked below)
+                }
+                assert!(
+                    t.elapsed() < Duration::from_secs(60),
+                    "the backup took no lock within 60 s"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
             std::thread::sleep(delay);
             (b, env.spawn(&["prune"]))
         } else {

@@ -31,8 +31,7 @@ fn a_path_with_quotes_travels_as_data_in_the_constant_script() {
             r#"{"Name":"O'Brien's VM","Id":"0a1b2c3d-0000-4000-8000-000000000001","State":"Off","Disks":["D:\\Replicas\\O'Brien's VM\\failover\\sys.vhdx","D:\\Replicas\\O'Brien's VM\\failover\\data.vhdx"]}"#,
         ),
     ));
-    hv.import_vm(CONFIG.as_ref(), &disks(), false)
-        .unwrap();
+    hv.import_vm(CONFIG.as_ref(), &disks(), false).unwrap();
     let calls = r.calls();
     assert_eq!(calls.len(), 1);
     // The exact text sent: prologue, the constant body, the shared error handling.
@@ -46,9 +45,7 @@ fn a_path_with_quotes_travels_as_data_in_the_constant_script() {
         !calls[0].script.contains("O'Brien"),
         "a path got into the script"
     );
-    assert!(scripts::IMPORT_VM.starts_with(
-        "$r = Compare-VM -Path $A.Config -Register\n"
-    ));
+    assert!(scripts::IMPORT_VM.starts_with("$r = Compare-VM -Path $A.Config -Register\n"));
     let args: Value = serde_json::from_str(&calls[0].stdin_json).unwrap();
     assert_eq!(
         args,

@@ -267,12 +267,7 @@ impl HyperVHypervisor {
     /// the VM keeps the id in the configuration (see [`scripts::IMPORT_VM`]); `start`: start it.
     /// Refused, with Hyper-V's list, when the configuration has incompatibilities other than
     /// missing virtual disks (a missing virtual switch, processor features...).
-    pub fn import_vm(
-        &self,
-        config: &Path,
-        disks: &[PathBuf],
-        start: bool,
-    ) -> Result<ImportedVm> {
+    pub fn import_vm(&self, config: &Path, disks: &[PathBuf], start: bool) -> Result<ImportedVm> {
         let what = config.to_string_lossy();
         let doc = self.call(
             Op::ImportVm,
