@@ -170,7 +170,8 @@ fn lock_list_and_failover() {
         assert!(!to_dir.join("web/failover").exists());
     }
     // --start only means something with --register.
-    for flag in ["--start"] {
+    {
+        let flag = "--start";
         let out = env.run(&["replica", "failover", &to, flag]);
         assert_eq!(out.status.code(), Some(EXIT_ERROR), "{}", both(&out));
         assert!(both(&out).contains("--register"), "{}", both(&out));
