@@ -242,7 +242,7 @@ fn write_direct(file: &mut File, data: &[u8]) -> std::io::Result<()> {
     // A buffer that is already aligned (a pack built in place by `PackWriter`) is written
     // straight from where it is: the bounce copy exists only for alignment.
     let result = if (data.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
-        direct_bulk_aligned(file, data)
+        direct_bulk(file, data, None)
     } else {
         BOUNCE.with(|b| {
             let mut blocks = b.borrow_mut();
@@ -257,7 +257,7 @@ fn write_direct(file: &mut File, data: &[u8]) -> std::io::Result<()> {
                     blocks.len() * DIRECT_ALIGN,
                 )
             };
-            direct_bulk(file, data, bounce)
+            direct_bulk(file, data, Some(bounce))
         })
     };
     set(flags);
@@ -267,38 +267,30 @@ fn write_direct(file: &mut File, data: &[u8]) -> std::io::Result<()> {
     }
 }
 
-/// Write the aligned bulk of `data` through `bounce` with O_DIRECT set. Returns how many bytes
-/// were written; the caller writes the rest buffered.
+/// Write the aligned bulk of `data` with O_DIRECT set, in pieces of the bounce buffer's size:
+/// copied through `bounce` when `data` is not 4096-aligned in memory, straight from `data`
+/// (`bounce` = None) when it is. Returns how many bytes were written; the caller writes the rest
+/// buffered.
 #[cfg(target_os = "linux")]
-fn direct_bulk(file: &mut File, data: &[u8], bounce: &mut [u8]) -> std::io::Result<usize> {
+fn direct_bulk(
+    file: &mut File,
+    data: &[u8],
+    mut bounce: Option<&mut [u8]>,
+) -> std::io::Result<usize> {
     let bulk = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+    let piece = bounce.as_ref().map_or(DIRECT_BOUNCE, |b| b.len());
     let mut done = 0;
     while done < bulk {
-        let n = bounce.len().min(bulk - done);
-        bounce[..n].copy_from_slice(&data[done..done + n]);
-        match file.write(&bounce[..n]) {
-            Ok(w) if w == n => done += n,
-            // A short or refused direct write: finish buffered from where the file stands.
-            Ok(w) => {
-                done += w;
-                break;
+        let n = piece.min(bulk - done);
+        let src = &data[done..done + n];
+        let buf: &[u8] = match bounce.as_deref_mut() {
+            Some(b) => {
+                b[..n].copy_from_slice(src);
+                &b[..n]
             }
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
-}
-
-/// Like [`direct_bulk`] for `data` that starts 4096-aligned in memory: written from `data`
-/// itself, in pieces of the bounce buffer's size like the copying path.
-#[cfg(target_os = "linux")]
-fn direct_bulk_aligned(file: &mut File, data: &[u8]) -> std::io::Result<usize> {
-    let bulk = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
-    let mut done = 0;
-    while done < bulk {
-        let n = DIRECT_BOUNCE.min(bulk - done);
-        match file.write(&data[done..done + n]) {
+            None => src,
+        };
+        match file.write(buf) {
             Ok(w) if w == n => done += n,
             // A short or refused direct write: finish buffered from where the file stands.
             Ok(w) => {
