@@ -7,7 +7,6 @@
 mod qemu_common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hypervisor::qemu::QemuHypervisor;
@@ -186,20 +185,7 @@ fn qemu_live_saved_offline_backups() {
     wait_announced(hv, 0);
 
     // The live disk ends with every record.
-    let last = wait_announced(hv, announced(hv));
-    hv.shutdown(VM, Duration::from_secs(60)).unwrap();
-    let (code, text) = run(Command::new("qemu-img")
-        .args(["check", "-f", "vhdx"])
-        .arg(&disk));
-    assert_eq!(code, 0, "qemu-img check of the live disk:\n{text}");
-    let fin = scratch.join("final.raw");
-    copy_to_raw(&disk, &fin);
-    e2fsck_clean(&fin);
-    let n = check_records(&fin, &scratch, false);
-    assert!(
-        n >= last && n > n_off,
-        "live disk holds {n} records, {last} were announced"
-    );
+    shutdown_and_check_live_disk(hv, &disk, &scratch, n_off);
     assert!(hv.cleanup_leftovers(VM).unwrap().is_empty());
     eprintln!("total {:?}", started.elapsed());
 }

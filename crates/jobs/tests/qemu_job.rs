@@ -13,8 +13,7 @@ mod qemu_common;
 #[path = "common/qemu.rs"]
 mod qemu_jobs;
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hypervisor::strategy::{Method, Mode};
 use hypervisor::{Hypervisor, VmState};
@@ -170,19 +169,6 @@ fn job_backs_up_a_writing_qemu_vm_live_crash_saved_and_offline() {
     assert!(check.is_clean(), "{:?}", check.problems);
 
     // The live disk ends with every record.
-    let last = wait_announced(hv, announced(hv));
-    hv.shutdown(VM, Duration::from_secs(60)).unwrap();
-    let (code, text) = run(Command::new("qemu-img")
-        .args(["check", "-f", "vhdx"])
-        .arg(&disk));
-    assert_eq!(code, 0, "qemu-img check of the live disk:\n{text}");
-    let fin = scratch.join("final.raw");
-    copy_to_raw(&disk, &fin);
-    e2fsck_clean(&fin);
-    let n = check_records(&fin, &scratch, false);
-    assert!(
-        n >= last && n > n_off,
-        "live disk holds {n} records, {last} were announced"
-    );
+    shutdown_and_check_live_disk(hv, &disk, &scratch, n_off);
     eprintln!("total {:?}", started.elapsed());
 }

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hypervisor::qemu::{build_testvm, testvm_definition, QemuHypervisor};
+use hypervisor::Hypervisor;
 
 pub const VM: &str = "t1";
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
@@ -135,6 +136,32 @@ pub fn wait_announced(hv: &QemuHypervisor, above: u64) -> u64 {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Shuts the VM down and checks what its live disk ends with: `qemu-img check` clean, the
+/// filesystem clean, every record the guest announced before the shutdown, and more than
+/// `more_than` records (the count in the last backup's copy). Returns the record count.
+pub fn shutdown_and_check_live_disk(
+    hv: &QemuHypervisor,
+    disk: &Path,
+    scratch: &Path,
+    more_than: u64,
+) -> u64 {
+    let last = wait_announced(hv, announced(hv));
+    hv.shutdown(VM, Duration::from_secs(60)).unwrap();
+    let (code, text) = run(Command::new("qemu-img")
+        .args(["check", "-f", "vhdx"])
+        .arg(disk));
+    assert_eq!(code, 0, "qemu-img check of the live disk:\n{text}");
+    let fin = scratch.join("final.raw");
+    copy_to_raw(disk, &fin);
+    e2fsck_clean(&fin);
+    let n = check_records(&fin, scratch, false);
+    assert!(
+        n >= last && n > more_than,
+        "live disk holds {n} records, {last} were announced"
+    );
+    n
 }
 
 /// A QEMU hypervisor in a fresh temp dir with one defined (not started) test VM on a copy of the
