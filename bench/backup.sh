@@ -30,6 +30,8 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 SIZE=${SIZE:-4G}
 CHANGE_PCT=${CHANGE_PCT:-2}
 SPARSE_SIZE=${SPARSE_SIZE:-64G}
@@ -65,12 +67,6 @@ CHANGED=$WORK/changed-$SIZE.vhdx
 CHILD=$WORK/child-$SIZE.avhdx
 CHANGES=$WORK/changes-$SIZE.txt
 REWRITTEN=$WORK/rewritten-$SIZE.txt
-# Fixed identity and clock: mke2fs then lays out the same tree identically twice.
-FS_UUID=6f1e4c2a-5b3d-4e8f-9a7c-0d2b4e6f8a1c
-export E2FSPROGS_FAKE_TIME=1700000000
-mkfs() { # staging out.raw
-    mke2fs -q -F -t ext4 -U "$FS_UUID" -E hash_seed="$FS_UUID" -d "$1" "$2" "$((size_bytes / 1024))k" >&2
-}
 if [ "${KEEP_INPUT:-0}" = 1 ] && [ -f "$BASE" ] && [ -f "$CHANGED" ] && [ -f "$CHILD" ] && [ -f "$CHANGES" ] && [ -f "$REWRITTEN" ]; then
     log "reusing the images in $WORK"
 else
@@ -79,45 +75,14 @@ else
     rm -rf "$staging" "$BASE" "$CHANGED" "$CHILD" "$WORK/base.raw" "$WORK/changed.raw"
     mkdir -p "$staging"
     log "staging ~$((budget >> 20)) MiB of real files from /usr"
-    set +o pipefail # awk stops at the budget; find, sort and tar then die of SIGPIPE
-    find /usr/bin /usr/lib /usr/share /usr/libexec /usr/include -xdev -type f -size -64M \
-        -printf '%p\t%s\0' 2>/dev/null |
-        sort -z |
-        awk -v RS='\0' -v ORS='\0' -v budget="$budget" -F'\t' \
-            '{ total += $2; if (total > budget) exit; print $1 }' |
-        tar --null --no-recursion -T - -cf - 2>/dev/null | tar -xf - -C "$staging"
-    set -o pipefail
+    stage_usr_files "$staging" "$budget"
     staged=$(du -sb "$staging" | cut -f1)
     log "staged $((staged >> 20)) MiB in $(find "$staging" -type f | wc -l) files; mke2fs (base)"
-    mkfs "$staging" "$WORK/base.raw"
-    # Rewrite files (in a fixed pseudo-random order) in place (same size, same inode, new random content) until
-    # CHANGE_PCT % of the staged bytes are new. Only files without an all-zero 1 KiB block:
-    # mke2fs -d leaves those out as holes, so filling them would allocate more blocks and shift
-    # the layout of every later file. (No new directory entries either, not even temporary ones:
-    # they can change a directory's readdir order and so mke2fs's order.)
+    mkfs_ext4 "$staging" "$WORK/base.raw" "$size_bytes"
     target=$((staged * CHANGE_PCT / 100))
     log "rewriting ~$((target >> 20)) MiB of files ($CHANGE_PCT %)"
-    python3 - "$staging" "$target" >"$REWRITTEN" <<'PY'
-import hashlib, os, sys
-root, target = sys.argv[1], int(sys.argv[2])
-files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
-files = [f for f in files if os.path.isfile(f) and not os.path.islink(f)]
-# 1 KiB: the smallest ext4 block (mke2fs picks it for small filesystems)
-done, zero = 0, bytes(1024)
-# A fixed pseudo-random order (by a hash of the name), so the changes are spread over the tree.
-files.sort(key=lambda f: hashlib.sha256(f.encode()).digest())
-for f in files:
-    if done >= target:
-        break
-    data = open(f, "rb").read()
-    if not data or any(data[o:o + 1024] == zero[:len(data[o:o + 1024])] for o in range(0, len(data), 1024)):
-        continue
-    with open(f, "r+b") as out:
-        out.write(os.urandom(len(data)))
-    done += len(data)
-print(done)
-PY
-    mkfs "$staging" "$WORK/changed.raw"
+    rewrite_files "$staging" "$target" >"$REWRITTEN"
+    mkfs_ext4 "$staging" "$WORK/changed.raw" "$size_bytes"
     rm -rf "$staging"
     log "qemu-img convert -O vhdx -o subformat=dynamic (both images)"
     qemu-img convert -f raw -O vhdx -o subformat=dynamic "$WORK/base.raw" "$BASE"

@@ -26,6 +26,8 @@ shopt -s inherit_errexit
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 SIZE=${SIZE:-4G}
 CHANGE_PCT=${CHANGE_PCT:-1}
 KEEP=${KEEP:-4}
@@ -51,49 +53,19 @@ HK=$ROOT/target/release/hyperkeep
 
 # ---------------------------------------------------------------------------------------------
 # Input images
-FS_UUID=6f1e4c2a-5b3d-4e8f-9a7c-0d2b4e6f8a1c
-export E2FSPROGS_FAKE_TIME=1700000000
-mkfs() { # staging out.raw
-    mke2fs -q -F -t ext4 -U "$FS_UUID" -E hash_seed="$FS_UUID" -d "$1" "$2" "$((size_bytes / 1024))k" >&2
-}
 budget=$((size_bytes * 45 / 100))
 staging=$WORK/staging
 mkdir -p "$staging"
 log "staging ~$((budget >> 20)) MiB of real files from /usr"
-set +o pipefail # awk stops at the budget; find, sort and tar then die of SIGPIPE
-find /usr/bin /usr/lib /usr/share /usr/libexec /usr/include -xdev -type f -size -64M \
-    -printf '%p\t%s\0' 2>/dev/null |
-    sort -z |
-    awk -v RS='\0' -v ORS='\0' -v budget="$budget" -F'\t' \
-        '{ total += $2; if (total > budget) exit; print $1 }' |
-    tar --null --no-recursion -T - -cf - 2>/dev/null | tar -xf - -C "$staging"
-set -o pipefail
+stage_usr_files "$staging" "$budget"
 staged=$(du -sb "$staging" | cut -f1)
-mkfs "$staging" "$WORK/base.raw"
+mkfs_ext4 "$staging" "$WORK/base.raw" "$size_bytes"
 target=$((staged * CHANGE_PCT / 100))
 log "rewriting ~$((target >> 20)) MiB of files ($CHANGE_PCT %)"
 # Same size, same inode, new content; files with an all-zero 1 KiB block are skipped (mke2fs
 # leaves those as holes, and filling them would shift the layout of later files).
-rewritten=$(python3 - "$staging" "$target" <<'PY'
-import hashlib, os, sys
-root, target = sys.argv[1], int(sys.argv[2])
-files = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
-files = [f for f in files if os.path.isfile(f) and not os.path.islink(f)]
-files.sort(key=lambda f: hashlib.sha256(f.encode()).digest())
-done, zero = 0, bytes(1024)
-for f in files:
-    if done >= target:
-        break
-    data = open(f, "rb").read()
-    if not data or any(data[o:o + 1024] == zero[:len(data[o:o + 1024])] for o in range(0, len(data), 1024)):
-        continue
-    with open(f, "r+b") as out:
-        out.write(os.urandom(len(data)))
-    done += len(data)
-print(done)
-PY
-)
-mkfs "$staging" "$WORK/changed.raw"
+rewritten=$(rewrite_files "$staging" "$target")
+mkfs_ext4 "$staging" "$WORK/changed.raw" "$size_bytes"
 rm -rf "$staging"
 BASE=$WORK/base.vhdx
 CHANGED=$WORK/changed.vhdx
