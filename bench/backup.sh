@@ -234,7 +234,7 @@ declare -A colname=([hk]=hyperkeep [restic]=restic [borg]=borg [borgfixed]="borg
     echo "- hyperkeep $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (uncommitted changes)'), $(restic version | head -1 | cut -d' ' -f1-2), $(borg --version)"
     echo "- input: $SIZE dynamic VHDX (qemu-img), ext4 with real files from /usr: $(mib "$alloc_bytes") MiB allocated;" \
         "changed image: $(mib "$rewritten_bytes") MiB of files rewritten ($CHANGE_PCT % of the file data), $(mib "$changed_bytes") MiB of blocks differ"
-    echo "- every tool at its defaults (hyperkeep: 1 MiB chunks, zstd 1, XChaCha20-Poly1305; restic: CDC, zstd auto, AES-256;" \
+    echo "- every tool at its defaults (hyperkeep: 1 MiB chunks, zstd 1, XAES-256-GCM; restic: CDC, zstd auto, AES-256;" \
         "borg: CDC, lz4, repokey-blake2$([ "$BORG_FIXED" = 1 ] && echo '; borg fixed: --chunker-params fixed,4194304'));" \
         "one run, except the limit and hyperkeep's first backup: $FIRST_RUNS interleaved runs each, median (runs: limit ${limit_runs[*]} s, first backup ${first_runs[*]} s); restores verified with qemu-img compare"
     echo

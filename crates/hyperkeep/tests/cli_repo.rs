@@ -158,8 +158,8 @@ fn init_creates_a_repository_once() {
     let env = Env::new();
     let v = env.json(&["init"]);
     assert_eq!(v["chunk_size"], 1 << 20);
-    assert_eq!(v["version"], 1);
-    assert_eq!(v["encryption"], "xchacha20poly1305");
+    assert_eq!(v["version"], 2);
+    assert_eq!(v["encryption"], "xaes-256-gcm");
     assert!(v["id"].as_str().unwrap().len() >= 16);
     let config: Value =
         serde_json::from_slice(&std::fs::read(env.repo().join("config")).unwrap()).unwrap();
@@ -181,6 +181,35 @@ fn init_creates_a_repository_once() {
     assert_eq!(v, serde_json::json!([]));
     let bad = other.run(&["init", "--chunk-size", "3M"]);
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+}
+
+#[test]
+fn an_xchacha_repository_is_format_version_1_and_round_trips() {
+    let env = Env::new();
+    let v = env.json(&["init", "--encryption", "xchacha20poly1305"]);
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["encryption"], "xchacha20poly1305");
+    let (vhdx, config) = env.vm();
+    env.ok(&["backup", "--vm", "web01", s(&vhdx), s(&config)]);
+    let target = env.path("restored");
+    env.ok(&["restore", "latest", "--target", s(&target), "--to", "raw"]);
+    let cmp = qemu_img(&[
+        "compare",
+        "-f",
+        "vhdx",
+        "-F",
+        "raw",
+        s(&vhdx),
+        s(&target.join("disk.raw")),
+    ]);
+    assert!(
+        cmp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cmp.stdout)
+    );
+    assert_eq!(env.json(&["check", "--read-data"])["clean"], true);
+    let o = env.run(&["init", "--encryption", "aes-128-ecb"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
 
 #[test]

@@ -154,8 +154,12 @@ fn newer_format_version_is_refused_and_untouched() {
     let cfg_path = env.repo.join("config");
     let mut cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
-    assert_eq!(cfg["version"], 1, "config: {cfg}");
-    cfg["version"] = 2.into();
+    assert_eq!(
+        cfg["version"],
+        repo::repository::FORMAT_VERSION,
+        "config: {cfg}"
+    );
+    cfg["version"] = (repo::repository::FORMAT_VERSION + 1).into();
     std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
     let before = tree_hashes(&env.repo);
     let target = env.path().join("restore-newer");

@@ -4,8 +4,8 @@
 //! - [`backend`]: where objects live. One trait ([`backend::Backend`]: put/get/list/delete of
 //!   whole objects by key) with the local-directory implementation; an S3 one comes later.
 //!   Nothing above it relies on rename, atime or listing order.
-//! - [`crypto`]: the master key (encryption key + chunk-id key), XChaCha20-Poly1305 sealing of
-//!   every object, argon2id-wrapped key slots (`keys/`).
+//! - [`crypto`]: the master key (encryption key + chunk-id key), XAES-256-GCM or
+//!   XChaCha20-Poly1305 sealing of every object, argon2id-wrapped key slots (`keys/`).
 //! - [`repository`]: [`repository::Repository`]: init/open (config, key slots, format version),
 //!   typed access to packs, indexes, snapshots and locks.
 //! - [`pack`]: pack files (many encrypted blobs + an encrypted, authenticated trailer listing them,

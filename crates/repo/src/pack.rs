@@ -458,6 +458,7 @@ pub fn parse_pack(key: &MasterKey, pack: &Id, bytes: &[u8]) -> Result<Vec<BlobEn
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::Cipher;
 
     fn build(key: &MasterKey, chunks: &[Vec<u8>]) -> (Id, Vec<u8>, Vec<BlobEntry>) {
         let mut w = PackWriter::new(1 << 20);
@@ -497,7 +498,7 @@ mod tests {
 
     #[test]
     fn pack_round_trip() {
-        let key = MasterKey::generate();
+        let key = MasterKey::generate(Cipher::default());
         let chunks = sample_chunks();
         let (id, bytes, entries) = build(&key, &chunks);
         assert_eq!(id, hash(&bytes));
@@ -521,7 +522,7 @@ mod tests {
         }
         // Wrong key: the trailer does not open.
         assert!(matches!(
-            parse_pack(&MasterKey::generate(), &id, &bytes),
+            parse_pack(&MasterKey::generate(Cipher::default()), &id, &bytes),
             Err(Error::Corrupt { .. })
         ));
     }
@@ -530,7 +531,7 @@ mod tests {
     fn sealing_in_place_builds_the_same_pack_aligned() {
         // `add_sealing` + `finish_in_place` (the backup's path) must give a pack of the same
         // layout as `add` of separately sealed blobs + `finish`, starting 4096-aligned.
-        let key = MasterKey::generate();
+        let key = MasterKey::generate(Cipher::default());
         let chunks = sample_chunks();
         let mut w = PackWriter::with_buffer(1 << 20, Vec::new());
         for raw in &chunks {
@@ -565,7 +566,7 @@ mod tests {
 
     #[test]
     fn tampered_blobs_and_trailers_are_detected() {
-        let key = MasterKey::generate();
+        let key = MasterKey::generate(Cipher::default());
         let chunks = sample_chunks();
         let (id, bytes, entries) = build(&key, &chunks);
         // Every byte of the trailer region and footer: flipping it breaks parsing.
@@ -610,7 +611,7 @@ mod tests {
 
     #[test]
     fn trailer_with_inconsistent_count_is_refused() {
-        let key = MasterKey::generate();
+        let key = MasterKey::generate(Cipher::default());
         let pack = Id([1; 32]);
         let mut plain = 3u32.to_le_bytes().to_vec();
         plain.extend_from_slice(&[0u8; TRAILER_ENTRY_LEN * 2]);
@@ -631,7 +632,7 @@ mod tests {
     /// Random garbage and random mutations of a valid pack: errors, never a panic.
     #[test]
     fn hostile_packs_never_panic() {
-        let key = MasterKey::generate();
+        let key = MasterKey::generate(Cipher::default());
         let (id, bytes, _) = build(&key, &sample_chunks());
         let mut seed = 0x9e3779b97f4a7c15u64;
         let mut next = || {

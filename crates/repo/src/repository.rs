@@ -13,15 +13,16 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{Backend, LocalBackend, ObjectKind, CONFIG_NAME};
-use crate::crypto::{hash, Id, KdfParams, KeySlot, MasterKey};
+use crate::crypto::{hash, Cipher, Id, KdfParams, KeySlot, MasterKey};
 use crate::index::{Index, IndexFile, IndexPack, Location};
 use crate::pack::{self, BlobEntry, PackWriter};
 use crate::{Error, Result};
 
 /// `format` of every hyperkeep repository's config.
 pub const FORMAT_NAME: &str = "hyperkeep-repository";
-/// The repository format version this build writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest repository format version this build reads and writes (`init` writes the oldest
+/// version that describes the new repository: see `format_version_for`).
+pub const FORMAT_VERSION: u32 = 2;
 /// Default chunk size of disks and files (1 MiB).
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 /// Default target size of packs (32 MiB).
@@ -54,7 +55,7 @@ pub struct Config {
     /// Always `zstd`.
     pub compression: String,
     pub compression_level: i32,
-    /// Always `xchacha20poly1305`.
+    /// A [`Cipher`] name: `xaes-256-gcm` (version 2) or `xchacha20poly1305` (versions 1, 2).
     pub encryption: String,
     /// RFC 3339, UTC.
     pub created: String,
@@ -82,10 +83,32 @@ impl Config {
                 self.compression, self.compression_level
             ));
         }
-        if self.encryption != "xchacha20poly1305" {
-            return Err(format!("unsupported encryption {}", self.encryption));
+        match Cipher::from_name(&self.encryption) {
+            // Version 1 knew only XChaCha20-Poly1305: another name there is damage.
+            Some(Cipher::XChaCha20Poly1305) => {}
+            Some(_) if self.version >= 2 => {}
+            _ => {
+                return Err(format!(
+                    "unsupported encryption {:?} for format version {}",
+                    self.encryption, self.version
+                ))
+            }
         }
         Ok(())
+    }
+
+    /// The cipher objects are sealed with (checked by `validate`).
+    pub fn cipher(&self) -> Cipher {
+        Cipher::from_name(&self.encryption).unwrap_or_default()
+    }
+}
+
+/// The oldest format version that can describe a repository sealed with `cipher`: a repository
+/// that needs nothing newer stays readable by older hyperkeep builds.
+fn format_version_for(cipher: Cipher) -> u32 {
+    match cipher {
+        Cipher::XChaCha20Poly1305 => 1,
+        Cipher::Xaes256Gcm => 2,
     }
 }
 
@@ -97,6 +120,8 @@ pub struct InitOptions {
     pub compression_level: i32,
     /// argon2id cost of the first key slot; `None` = [`KdfParams::from_env`].
     pub kdf: Option<KdfParams>,
+    /// The cipher every object is sealed with.
+    pub cipher: Cipher,
 }
 
 impl Default for InitOptions {
@@ -106,6 +131,7 @@ impl Default for InitOptions {
             pack_size: DEFAULT_PACK_SIZE,
             compression_level: 1,
             kdf: None,
+            cipher: Cipher::default(),
         }
     }
 }
@@ -252,18 +278,18 @@ impl Repository {
         }
         let config = Config {
             format: FORMAT_NAME.into(),
-            version: FORMAT_VERSION,
+            version: format_version_for(opts.cipher),
             id: uuid::Uuid::new_v4().simple().to_string(),
             chunk_size: opts.chunk_size,
             pack_size: opts.pack_size,
             compression: "zstd".into(),
             compression_level: opts.compression_level,
-            encryption: "xchacha20poly1305".into(),
+            encryption: opts.cipher.name().into(),
             created: now_rfc3339(),
         };
         config.validate().map_err(Error::InvalidArgument)?;
         backend.create_layout()?;
-        let key = MasterKey::generate();
+        let key = MasterKey::generate(opts.cipher);
         let slot = KeySlot::create(&key, password, opts.kdf.unwrap_or_else(KdfParams::from_env))?;
         let slot_json = serde_json::to_vec_pretty(&slot).map_err(json_bug)?;
         backend.put(ObjectKind::Key, &slot.id, &slot_json)?;
@@ -333,7 +359,7 @@ impl Repository {
                     continue;
                 }
             };
-            match slot.unlock(password) {
+            match slot.unlock(password, config.cipher()) {
                 Ok(key) => {
                     return Ok(Repository {
                         backend,
@@ -707,7 +733,9 @@ mod tests {
         assert!(!other.join("keys").exists());
 
         let repo = Repository::init(b.clone(), "pw", fast()).unwrap();
-        assert_eq!(repo.config().version, FORMAT_VERSION);
+        assert_eq!(repo.config().version, 2);
+        assert_eq!(repo.config().encryption, "xaes-256-gcm");
+        assert_eq!(repo.key().cipher(), Cipher::Xaes256Gcm);
         assert_eq!(repo.config().chunk_size, DEFAULT_CHUNK_SIZE);
         assert!(matches!(
             Repository::init(b.clone(), "pw", fast()),
@@ -736,6 +764,23 @@ mod tests {
     }
 
     #[test]
+    fn an_xchacha_repository_is_format_version_1_and_seals_with_xchacha() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Repository::open_location(dir.path().to_str().unwrap()).unwrap();
+        let opts = InitOptions {
+            cipher: Cipher::XChaCha20Poly1305,
+            ..fast()
+        };
+        let repo = Repository::init(b.clone(), "pw", opts).unwrap();
+        assert_eq!(repo.config().version, 1);
+        assert_eq!(repo.config().encryption, "xchacha20poly1305");
+        let sealed = repo.key().seal(b"object");
+        let again = Repository::open(b, "pw").unwrap();
+        assert_eq!(again.key().cipher(), Cipher::XChaCha20Poly1305);
+        assert_eq!(again.key().open(&sealed).unwrap(), b"object");
+    }
+
+    #[test]
     fn foreign_and_newer_configs_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let repo = new_repo(dir.path());
@@ -743,7 +788,8 @@ mod tests {
         let good = b.get(ObjectKind::Config, CONFIG_NAME).unwrap();
 
         let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
-        v["version"] = 2.into();
+        let newer = FORMAT_VERSION + 1;
+        v["version"] = newer.into();
         b.put(
             ObjectKind::Config,
             CONFIG_NAME,
@@ -752,9 +798,30 @@ mod tests {
         .unwrap();
         let msg = Repository::open(b.clone(), "pw").unwrap_err().to_string();
         assert!(
-            msg.contains("newer hyperkeep") && msg.contains("upgrade") && msg.contains("version 2"),
+            msg.contains("newer hyperkeep")
+                && msg.contains("upgrade")
+                && msg.contains(&format!("version {newer}")),
             "{msg}"
         );
+        // Version 1 knew only XChaCha20-Poly1305: an XAES-256-GCM config claiming version 1 is
+        // damaged, and so is an unknown cipher.
+        for (version, encryption) in [(1, "xaes-256-gcm"), (2, "rot13")] {
+            let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+            v["version"] = version.into();
+            v["encryption"] = encryption.into();
+            b.put(
+                ObjectKind::Config,
+                CONFIG_NAME,
+                &serde_json::to_vec(&v).unwrap(),
+            )
+            .unwrap();
+            match Repository::open(b.clone(), "pw") {
+                Err(Error::Corrupt { detail, .. }) => {
+                    assert!(detail.contains("unsupported encryption"), "{detail}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
 
         for foreign in [
             &b"\x01\x02binary"[..],
@@ -982,8 +1049,12 @@ mod tests {
         let b = Repository::open_location(dir.path().to_str().unwrap()).unwrap();
         b.create_layout().unwrap();
         // A key slot without a config: what an init killed between its two writes leaves.
-        let slot =
-            KeySlot::create(&MasterKey::generate(), "pw", KdfParams::FAST_FOR_TESTS).unwrap();
+        let slot = KeySlot::create(
+            &MasterKey::generate(Cipher::default()),
+            "pw",
+            KdfParams::FAST_FOR_TESTS,
+        )
+        .unwrap();
         b.put(
             ObjectKind::Key,
             &slot.id,

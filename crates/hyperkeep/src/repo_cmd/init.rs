@@ -1,6 +1,7 @@
 //! `hyperkeep init`: create a repository.
 
 use anyhow::Result;
+use repo::crypto::Cipher;
 use repo::repository::{InitOptions, Repository};
 use serde_json::json;
 
@@ -9,10 +10,13 @@ use crate::repo_open;
 use crate::size::human_exact;
 use crate::EXIT_OK;
 
-pub fn run(cli: &Cli, chunk_size: Option<u32>) -> Result<u8> {
+pub fn run(cli: &Cli, chunk_size: Option<u32>, cipher: Cipher) -> Result<u8> {
     let backend = repo_open::backend(cli)?;
     let password = repo_open::password(cli, true)?;
-    let mut opts = InitOptions::default();
+    let mut opts = InitOptions {
+        cipher,
+        ..InitOptions::default()
+    };
     if let Some(c) = chunk_size {
         opts.chunk_size = c;
     }

@@ -25,7 +25,10 @@ use crate::cli::{Cli, Command};
 pub fn run(cli: &Cli) -> Result<u8> {
     match &cli.command {
         Command::Disk(cmd) => crate::disk::run(cmd, cli.json),
-        Command::Init { chunk_size } => init::run(cli, *chunk_size),
+        Command::Init {
+            chunk_size,
+            encryption,
+        } => init::run(cli, *chunk_size, (*encryption).into()),
         Command::Backup(args) => backup::run(cli, args),
         Command::Snapshots { vm } => snapshots::run(cli, vm.as_deref()),
         Command::Restore {

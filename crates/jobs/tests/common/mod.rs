@@ -37,6 +37,7 @@ impl Env {
                 pack_size: MIB,
                 compression_level: 1,
                 kdf: Some(KdfParams::FAST_FOR_TESTS),
+                ..Default::default()
             },
         )
         .unwrap();

@@ -32,6 +32,7 @@ pub fn init_repo(dir: &Path) -> Repository {
             pack_size: 4 << 20,
             compression_level: 1,
             kdf: Some(KdfParams::FAST_FOR_TESTS),
+            ..Default::default()
         },
     )
     .unwrap()

@@ -31,6 +31,7 @@ pub fn new_repo_with_pack(dir: &Path, pack_size: u64) -> Repository {
             pack_size,
             compression_level: 1,
             kdf: Some(KdfParams::FAST_FOR_TESTS),
+            ..Default::default()
         },
     )
     .expect("init repository")
