@@ -22,7 +22,7 @@ ROOT=$(pwd)
 export DEBIAN_FRONTEND=noninteractive
 export PATH="$HOME/.cargo/bin:$PATH"
 FUZZ_SECONDS=${FUZZ_SECONDS:-60}
-FUZZ_TARGETS=(vhdx_open vhd_open guestfs_open partitions)
+FUZZ_TARGETS=(vhdx_open vhd_open guestfs_open partitions repository)
 ONLY=${ONLY:-}
 START=$SECONDS
 

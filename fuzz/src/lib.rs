@@ -24,6 +24,7 @@ use std::io;
 use vdisk_core::{ExtentState, MapScope, ReadAt, VirtualDisk};
 
 pub mod guest;
+pub mod repository;
 
 /// Largest file an input can describe. Bigger than any useful corpus entry, small enough that
 /// a parser that reads the whole file stays fast.
