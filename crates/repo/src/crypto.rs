@@ -17,14 +17,16 @@
 //! Both ciphers are an extended-nonce construction around a standard AEAD: a per-object subkey is
 //! derived from the key and the first part of the nonce (HChaCha20, or XAES-256-GCM's CMAC-style
 //! derivation with two AES-256 blocks), then ChaCha20-Poly1305 or AES-256-GCM seals with the rest
-//! of the nonce. The bulk AEAD is `ring`'s (BoringSSL's assembly: on the benchmark machine
-//! AES-256-GCM runs at ~8 GB/s per core and ChaCha20-Poly1305 at ~2 GB/s, against ~1.2 GB/s for
-//! RustCrypto's `chacha20poly1305`; encryption was the largest cost of a backup beyond reading,
-//! hashing and compressing). The subkey derivations use RustCrypto's `chacha20` (`hchacha`) and
-//! `aes` block cipher. The tests check both constructions byte for byte against RustCrypto's
-//! complete `chacha20poly1305` and `xaes-256-gcm` AEADs and the C2SP XAES-256-GCM vectors.
-//! argon2id is RustCrypto's `argon2`, hashing the reference `blake3`: cryptographic primitives are
-//! the one place where we do not write our own.
+//! of the nonce. The bulk AEAD is `ring`'s (BoringSSL's assembly). Encryption was the largest
+//! cost of a backup beyond reading, hashing and compressing: on the benchmark machine
+//! (`bench/seal.sh`) XAES-256-GCM seals ~6 GiB/s per core and XChaCha20-Poly1305 ~1.9 GiB/s,
+//! against ~1.3 GiB/s for RustCrypto's `chacha20poly1305`. The subkey derivations use
+//! RustCrypto's `chacha20` (`hchacha`) and `aes` block cipher. Only per-object subkeys ever enter
+//! `ring` (whose key schedules are not zeroed on drop); the master key lives in our zeroed
+//! buffers and the `aes` crate's zeroing key schedule. The tests check both constructions byte
+//! for byte against RustCrypto's complete `chacha20poly1305` and `xaes-256-gcm` AEADs and the
+//! C2SP XAES-256-GCM vectors. argon2id is RustCrypto's `argon2` and hashing the reference
+//! `blake3`: cryptographic primitives are the one place where we do not write our own.
 
 use aes::cipher::{BlockEncrypt, KeyInit as _};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
