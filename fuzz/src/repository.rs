@@ -159,14 +159,8 @@ fn base() -> &'static Base {
                 vm: "vm".into(),
                 tags: Default::default(),
                 paths,
-                changes_from: None,
-                changed_ranges: None,
-                parent: None,
                 threads: 1,
-                mode: None,
-                consistency: None,
-                downtime_ms: None,
-                booted: None,
+                ..Default::default()
             };
             repo::backup::backup(&repo, &opts, &repo::backup::NoProgress).unwrap();
         };

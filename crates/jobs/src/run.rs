@@ -142,7 +142,8 @@ impl VmOutcome {
 struct Record {
     method: &'static str,
     consistency: String,
-    changed_ranges: Option<Vec<(u64, u64)>>,
+    /// Changed ranges per frozen disk (by path), for those whose tracking held.
+    disk_changes: Vec<(std::path::PathBuf, Vec<(u64, u64)>)>,
     parent: Option<String>,
 }
 
@@ -158,7 +159,7 @@ fn store(
         vm: vm.to_string(),
         tags: opts.tags.clone(),
         paths,
-        changed_ranges: rec.changed_ranges,
+        disk_changes: rec.disk_changes,
         parent: rec.parent,
         threads: opts.threads,
         mode: Some(rec.method.to_string()),
@@ -353,7 +354,7 @@ pub fn backup_vm(
             let rec = Record {
                 method: "as-is",
                 consistency: consistency.into(),
-                changed_ranges: None,
+                disk_changes: Vec::new(),
                 parent: None,
             };
             store(repo, &info.name, plain_paths(&info), opts, rec, progress).map(|(id, _)| {
@@ -427,42 +428,58 @@ fn live(
     };
     let cp = &guard.cp;
 
-    // Changed ranges since the last live backup, asked while the checkpoint still exists.
-    let mut changed_ranges = None;
+    // Changed ranges since the last live backup, asked per disk while the checkpoint still
+    // exists. A disk whose tracking was lost is read in full; the others still are not.
+    let mut disk_changes = Vec::new();
     let mut parent = None;
     if let Some(prev) = &opts.previous {
-        let why_full = if cp.frozen_disks.len() != 1 {
-            Some(format!(
-                "VM has {} disks and the repository takes one change list per backup: reading every disk in full",
-                cp.frozen_disks.len()
-            ))
-        } else if snapshot::find_snapshot(repo, &prev.snapshot, Some(name)).is_err() {
-            Some(format!(
-                "snapshot {} of the last change token is gone: reading the disk in full",
+        if snapshot::find_snapshot(repo, &prev.snapshot, Some(name)).is_err() {
+            let w = format!(
+                "snapshot {} of the last change token is gone: reading the disks in full",
                 short_id(&prev.snapshot)
-            ))
-        } else {
-            match hv.changed_ranges(name, cp, 0, &prev.token) {
-                Ok(Some(r)) => {
-                    let bytes: u64 = r.iter().map(|&(_, l)| l).sum();
-                    out.change_tracking = Some(format!(
-                        "{} changed ranges, {bytes} bytes, since snapshot {}",
-                        r.len(),
-                        short_id(&prev.snapshot)
-                    ));
-                    changed_ranges = Some(r);
-                    parent = Some(prev.snapshot.clone());
-                    None
-                }
-                Ok(None) => Some("change tracking was lost: reading the disk in full".into()),
-                Err(e) => Some(format!(
-                    "cannot get changed ranges ({e}): reading the disk in full"
-                )),
-            }
-        };
-        if let Some(w) = why_full {
+            );
             out.change_tracking = Some(w.clone());
             out.warnings.push(w);
+        } else {
+            let several = cp.frozen_disks.len() > 1;
+            let (mut tracked, mut lost) = (Vec::new(), Vec::new());
+            for (i, disk) in cp.frozen_disks.iter().enumerate() {
+                let which = if several {
+                    format!("disk {}: ", disk.display())
+                } else {
+                    String::new()
+                };
+                match hv.changed_ranges(name, cp, i, &prev.token) {
+                    Ok(Some(r)) => {
+                        let bytes: u64 = r.iter().map(|&(_, l)| l).sum();
+                        tracked.push(format!("{which}{} changed ranges, {bytes} bytes", r.len()));
+                        disk_changes.push((disk.clone(), r));
+                    }
+                    Ok(None) => lost.push(format!(
+                        "{which}change tracking was lost: reading the disk in full"
+                    )),
+                    Err(e) => lost.push(format!(
+                        "{which}cannot get changed ranges ({e}): reading the disk in full"
+                    )),
+                }
+            }
+            out.warnings.extend(lost.iter().cloned());
+            out.change_tracking = Some(if tracked.is_empty() {
+                lost.join("; ")
+            } else {
+                let mut t = format!(
+                    "{}, since snapshot {}",
+                    tracked.join("; "),
+                    short_id(&prev.snapshot)
+                );
+                if !lost.is_empty() {
+                    t += &format!("; {}", lost.join("; "));
+                }
+                t
+            });
+            if !disk_changes.is_empty() {
+                parent = Some(prev.snapshot.clone());
+            }
         }
     }
 
@@ -480,7 +497,7 @@ fn live(
     let rec = Record {
         method: "live",
         consistency: consistency.into(),
-        changed_ranges,
+        disk_changes,
         parent,
     };
     let stored = store(repo, name, paths, opts, rec, progress);
@@ -547,7 +564,7 @@ fn saved_state(
     let rec = Record {
         method: "saved-state",
         consistency: "saved-state".into(),
-        changed_ranges: None,
+        disk_changes: Vec::new(),
         parent: None,
     };
     let stored = store(repo, name, plain_paths(info), opts, rec, progress);
@@ -614,7 +631,7 @@ fn offline(
     let rec = Record {
         method: "offline",
         consistency: "offline".into(),
-        changed_ranges: None,
+        disk_changes: Vec::new(),
         parent: None,
     };
     let stored = store(repo, name, plain_paths(info), opts, rec, progress);

@@ -553,6 +553,124 @@ fn lost_change_tracking_reads_in_full() {
         .any(|w| w.contains("change tracking was lost")));
 }
 
+#[test]
+fn each_disk_of_a_two_disk_vm_uses_its_own_change_tracking() {
+    let env = Env::new();
+    let data = env.add_disk(
+        "data.vhdx",
+        16 * MIB,
+        &[(8 * MIB, pattern(2 * MIB as usize, 3))],
+    );
+    let cfg = job_file(&env, "[[vm]]\nname = \"sql01\"\n");
+    // sql01 with two drives; its checkpoint freezes both, and RCT gives one id per disk.
+    let runner = || {
+        let vm = vm_json(
+            "sql01",
+            "Running",
+            &[drive(&env.path(&env.disk), 0), drive(&env.path(&data), 1)],
+            true,
+            &[env.path(&env.vmcx)],
+        );
+        let cp = serde_json::json!({
+            "InstanceId": "Microsoft:CP1",
+            "FrozenDisks": [env.path(&env.disk), env.path(&data)],
+            "NewTops": [env.path(&env.dir.path().join("sys_CP1.avhdx")),
+                        env.path(&env.dir.path().join("data_CP1.avhdx"))],
+            "ConfigFiles": [env.path(&env.vmcx)],
+        });
+        CannedRunner::new()
+            .respond(Op::Inventory, inventory(&[vm]))
+            .respond(Op::CleanupLeftovers, no_leftovers())
+            .respond(Op::CreateCheckpoint, PsOutput::ok(cp.to_string()))
+            .respond(
+                Op::ReleaseCheckpoint,
+                PsOutput::ok(r#"{"ReferencePoint":"RP-1","RctIds":["rct-sys","rct-data"]}"#),
+            )
+    };
+    let changed = |size: u64, offset: u64, len: u64| {
+        PsOutput::ok(
+            serde_json::json!({"Available":true,"Reason":null,"DiskSize":size,
+                "ChangedByteOffsets":offset,"ChangedByteLengths":len})
+            .to_string(),
+        )
+    };
+    let (hv1, _) = hv(runner());
+    let rep1 = run_job(&cfg, &hv1, &env.repo, &JobOptions::default(), &NoProgress).unwrap();
+    assert_eq!(rep1.exit_code(), 0, "{rep1:?}");
+    let vmcx_len = std::fs::metadata(&env.vmcx).unwrap().len();
+
+    // Both disks tracked: one 1 MiB chunk of each is read.
+    env.write_disk(5 * MIB, &pattern(4096, 9));
+    env.write_disk_at(&data, 9 * MIB, &pattern(4096, 10));
+    let r = runner()
+        .respond(Op::ChangedRanges, changed(DISK_SIZE, 5 * MIB, 4096))
+        .respond(Op::ChangedRanges, changed(16 * MIB, 9 * MIB, 4096));
+    let (hv2, r2) = hv(r);
+    let rep2 = run_job(&cfg, &hv2, &env.repo, &JobOptions::default(), &NoProgress).unwrap();
+    assert_eq!(rep2.exit_code(), 0, "{rep2:?}");
+    let asked: Vec<_> = args(&r2, Op::ChangedRanges)
+        .iter()
+        .map(|a| a["LimitId"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(asked, ["rct-sys", "rct-data"]);
+    let snap =
+        repo::snapshot::load_snapshot(&env.repo, rep2.vms[0].snapshot.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        snap.summary.bytes_read,
+        2 * MIB + vmcx_len,
+        "{:?}",
+        snap.summary
+    );
+    assert!(
+        rep2.vms[0].warnings.is_empty(),
+        "{:?}",
+        rep2.vms[0].warnings
+    );
+    let tracking = rep2.vms[0].change_tracking.clone().unwrap();
+    assert!(
+        tracking.contains("sys.vhdx: 1 changed ranges")
+            && tracking.contains("data.vhdx: 1 changed ranges"),
+        "{tracking}"
+    );
+    assert_eq!(env.snapshot_disk_bytes_at(&snap, 0), env.disk_bytes());
+    assert_eq!(
+        env.snapshot_disk_bytes_at(&snap, 1),
+        env.disk_bytes_of(&data)
+    );
+
+    // The data disk's tracking lost: it alone is read in full (its 2 allocated MiB), with a
+    // warning naming it; the system disk still reads one chunk.
+    env.write_disk(5 * MIB, &pattern(4096, 11));
+    env.write_disk_at(&data, 9 * MIB, &pattern(4096, 12));
+    let r = runner()
+        .respond(Op::ChangedRanges, changed(DISK_SIZE, 5 * MIB, 4096))
+        .respond(
+            Op::ChangedRanges,
+            PsOutput::ok(r#"{"Available":false,"Reason":"reference point was removed"}"#),
+        );
+    let (hv3, _) = hv(r);
+    let rep3 = run_job(&cfg, &hv3, &env.repo, &JobOptions::default(), &NoProgress).unwrap();
+    assert_eq!(rep3.exit_code(), 0, "{rep3:?}");
+    let snap =
+        repo::snapshot::load_snapshot(&env.repo, rep3.vms[0].snapshot.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        snap.summary.bytes_read,
+        3 * MIB + vmcx_len,
+        "{:?}",
+        snap.summary
+    );
+    let warnings = &rep3.vms[0].warnings;
+    assert!(
+        warnings.len() == 1 && warnings[0].contains("data.vhdx") && warnings[0].contains("lost"),
+        "{warnings:?}"
+    );
+    assert_eq!(env.snapshot_disk_bytes_at(&snap, 0), env.disk_bytes());
+    assert_eq!(
+        env.snapshot_disk_bytes_at(&snap, 1),
+        env.disk_bytes_of(&data)
+    );
+}
+
 fn no_checkpoint_runner(env: &Env) -> CannedRunner {
     CannedRunner::new()
         .respond(Op::Inventory, inventory(&[healthy(env, "Running")]))

@@ -19,15 +19,15 @@
 //!
 //! Incrementals: every backup deduplicates against the whole repository, so an unchanged chunk
 //! is never stored twice; but without a change list every allocated chunk is still *read*. With a
-//! change list (`changes_from`: the ranges a differencing disk holds; `changed_ranges`: any list)
-//! only chunks touched by changed ranges are read and every other entry is copied from the
-//! parent snapshot's table.
+//! change list (`changes_from`: the ranges a differencing disk holds; `changed_ranges`: any list;
+//! `disk_changes`: a list per disk, for VMs with several) only chunks touched by changed ranges
+//! are read and every other entry is copied from the parent snapshot's table.
 //!
 //! Crash safety comes from the write order: packs, then the index file naming them, then the
 //! snapshot. A backup that fails or is killed leaves at most unreferenced packs (and possibly an
 //! index of them), which `prune` removes; no snapshot ever refers to data that was not written.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -65,6 +65,10 @@ pub struct BackupOptions {
     pub changes_from: Option<PathBuf>,
     /// Changed `(offset, length)` byte ranges since the parent snapshot, for the only disk.
     pub changed_ranges: Option<Vec<(u64, u64)>>,
+    /// Changed ranges of several disks, each named by its path exactly as given in `paths`
+    /// (a VM with several disks, each with its own change tracking). A disk without an entry
+    /// is read in full.
+    pub disk_changes: Vec<(PathBuf, Vec<(u64, u64)>)>,
     /// Parent snapshot spec (id, prefix or `latest`); default: the newest snapshot of the VM.
     pub parent: Option<String>,
     /// Worker threads; 0 = one per available core.
@@ -594,11 +598,16 @@ pub fn backup(
     }
     let disk_count = sources.iter().filter(|s| s.is_disk()).count();
 
-    // The change list and the disk it belongs to.
-    let mut change: Option<(usize, Vec<(u64, u64)>)> = None;
-    if opts.changes_from.is_some() && opts.changed_ranges.is_some() {
+    // The change lists, by the index of the disk they belong to.
+    let mut change: HashMap<usize, Vec<(u64, u64)>> = HashMap::new();
+    let change_sources = usize::from(opts.changes_from.is_some())
+        + usize::from(opts.changed_ranges.is_some())
+        + usize::from(!opts.disk_changes.is_empty());
+    if change_sources > 1 {
         return Err(Error::InvalidArgument(
-            "give either a change-list disk or changed ranges, not both".into(),
+            "give one kind of change list: a change-list disk, changed ranges, or changed ranges \
+             per disk"
+                .into(),
         ));
     }
     let only_disk = || -> Result<usize> {
@@ -622,9 +631,28 @@ pub fn backup(
             .map(Ok)
             .unwrap_or_else(only_disk)?;
         let ranges = layer_ranges(cf, sources[target].size)?;
-        change = Some((target, ranges));
+        change.insert(target, ranges);
     } else if let Some(r) = &opts.changed_ranges {
-        change = Some((only_disk()?, r.clone()));
+        change.insert(only_disk()?, r.clone());
+    }
+    for (path, ranges) in &opts.disk_changes {
+        let target = opts
+            .paths
+            .iter()
+            .position(|p| p == path)
+            .filter(|&i| sources[i].is_disk())
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "changed ranges are given for {}, which is not one of this backup's disks",
+                    path.display()
+                ))
+            })?;
+        if change.insert(target, ranges.clone()).is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "changed ranges are given twice for {}",
+                path.display()
+            )));
+        }
     }
 
     // Parent candidates: the explicit parent, or this VM's snapshots newest first.
@@ -657,8 +685,8 @@ pub fn backup(
                 plan.jobs = (0..count).collect();
             }
             SourceKind::Disk { disk, .. } => {
-                let incremental = match &change {
-                    Some((target, ranges)) if *target == i => {
+                let incremental = match change.get(&i) {
+                    Some(ranges) => {
                         match parent_disk(&candidates, src, disk_count == 1, chunk_size32) {
                             Some((pid, pdisk)) => Some((pid, pdisk, ranges)),
                             None => {
@@ -673,7 +701,7 @@ pub fn backup(
                             }
                         }
                     }
-                    _ => None,
+                    None => None,
                 };
                 // Entries copied from the parent must point at data the index still has;
                 // otherwise the new snapshot would silently inherit a loss.
@@ -681,7 +709,7 @@ pub fn backup(
                     Some((pid, pdisk, ranges)) => match load_table(repo, &index, pdisk) {
                         Err(e @ (Error::Missing(_) | Error::Corrupt { .. })) => {
                             tracing::warn!(
-                                "the chunk table of disk {} in the parent snapshot {} cannot be                                  read ({e}); reading every allocated chunk instead of the                                  change list",
+                                "the chunk table of disk {} in the parent snapshot {} cannot be read ({e}); reading every allocated chunk instead of the change list",
                                 src.name,
                                 snapshot::short_id(pid)
                             );
@@ -695,7 +723,7 @@ pub fn backup(
                                 .count();
                             if missing > 0 {
                                 tracing::warn!(
-                                "the parent snapshot {} of disk {} refers to {missing} chunks                                  the repository no longer has (run `hyperkeep check`); reading                                  every allocated chunk instead of the change list",
+                                "the parent snapshot {} of disk {} refers to {missing} chunks the repository no longer has (run `hyperkeep check`); reading every allocated chunk instead of the change list",
                                 snapshot::short_id(pid),
                                 src.name
                             );

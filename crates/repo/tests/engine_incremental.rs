@@ -143,6 +143,80 @@ fn changed_ranges_hook_on_a_raw_disk() {
 }
 
 #[test]
+fn per_disk_change_lists_for_a_vm_with_two_disks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sys = tmp.path().join("sys.vhdx");
+    let data = tmp.path().join("data.vhdx");
+    hk_disk(
+        &sys,
+        DiskFormat::Vhdx,
+        16 * MIB,
+        Some(MIB as u32),
+        &[(0x41, 0, 6 * MIB)],
+    );
+    hk_disk(
+        &data,
+        DiskFormat::Vhdx,
+        32 * MIB,
+        Some(MIB as u32),
+        &[(0x42, 4 * MIB, 8 * MIB)],
+    );
+    let repo = new_repo(tmp.path());
+    let (first_id, first) = backup(&repo, &opts("two", &[&sys, &data]), &NoProgress).unwrap();
+    assert_eq!(first.summary.bytes_read, 14 * MIB);
+
+    let rewrite = |path: &Path, writes: &[(u8, u64, u64)]| {
+        let mut d = vdisk::open_mut(path, &OpenOptions::default()).unwrap();
+        write_patterns(&mut *d, writes);
+    };
+    rewrite(&sys, &[(0x51, 2 * MIB + 100, 50)]);
+    rewrite(&data, &[(0x52, 5 * MIB, MIB + 1), (0x53, 30 * MIB, 4096)]);
+
+    // Both disks tracked: only the chunks their ranges touch are read (1 + 3 chunks).
+    let mut o = opts("two", &[&sys, &data]);
+    o.disk_changes = vec![
+        (data.clone(), vec![(5 * MIB, MIB + 1), (30 * MIB, 4096)]),
+        (sys.clone(), vec![(2 * MIB + 100, 50)]),
+    ];
+    let (id, snap) = backup(&repo, &o, &NoProgress).unwrap();
+    assert_eq!(snap.summary.bytes_read, 4 * MIB, "{:?}", snap.summary);
+    assert_eq!(snap.parent.as_deref(), Some(first_id.as_str()));
+    let target = tmp.path().join("both");
+    let r = restore(&repo, &id, &snap, &target, None, &NoProgress).unwrap();
+    for (disk, source) in r.disks.iter().zip([&sys, &data]) {
+        assert!(read_view(&disk.path) == read_view(source), "{}", disk.name);
+    }
+
+    // Only the data disk tracked: the system disk is read in full (its 6 allocated MiB), the
+    // data disk's one touched chunk only.
+    rewrite(&sys, &[(0x61, 9 * MIB, 10)]);
+    rewrite(&data, &[(0x62, 20 * MIB, 10)]);
+    let mut o = opts("two", &[&sys, &data]);
+    o.disk_changes = vec![(data.clone(), vec![(20 * MIB, 10)])];
+    let (id, snap) = backup(&repo, &o, &NoProgress).unwrap();
+    assert_eq!(snap.summary.bytes_read, 7 * MIB + MIB, "{:?}", snap.summary);
+    let target = tmp.path().join("one");
+    let r = restore(&repo, &id, &snap, &target, None, &NoProgress).unwrap();
+    for (disk, source) in r.disks.iter().zip([&sys, &data]) {
+        assert!(read_view(&disk.path) == read_view(source), "{}", disk.name);
+    }
+
+    // Ranges for a path that is not one of the disks, twice for one disk, or beside another
+    // kind of change list: refused before anything is read.
+    let mut o = opts("two", &[&sys, &data]);
+    o.disk_changes = vec![(tmp.path().join("other.vhdx"), vec![(0, 1)])];
+    let e = backup(&repo, &o, &NoProgress).unwrap_err().to_string();
+    assert!(e.contains("not one of this backup's disks"), "{e}");
+    o.disk_changes = vec![(sys.clone(), vec![(0, 1)]), (sys.clone(), vec![(0, 1)])];
+    let e = backup(&repo, &o, &NoProgress).unwrap_err().to_string();
+    assert!(e.contains("twice"), "{e}");
+    o.disk_changes = vec![(sys.clone(), vec![(0, 1)])];
+    o.changed_ranges = Some(vec![(0, 1)]);
+    let e = backup(&repo, &o, &NoProgress).unwrap_err().to_string();
+    assert!(e.contains("one kind of change list"), "{e}");
+}
+
+#[test]
 fn change_list_without_a_usable_parent_reads_everything() {
     let tmp = tempfile::tempdir().unwrap();
     let img = tmp.path().join("disk.img");

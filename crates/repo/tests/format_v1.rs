@@ -109,14 +109,8 @@ fn a_format_version_1_repository_opens_checks_restores_and_takes_new_backups() {
         vm: "fixture".into(),
         tags: Default::default(),
         paths: vec![src],
-        changes_from: None,
-        changed_ranges: None,
-        parent: None,
         threads: 0,
-        mode: None,
-        consistency: None,
-        downtime_ms: None,
-        booted: None,
+        ..Default::default()
     };
     let (_, snap) = backup(&repo, &opts, &NoProgress).unwrap();
     // 16 chunks of 64 KiB: 7 all-zero, 1 changed, the 8 others already stored by the old build.

@@ -62,9 +62,28 @@ impl Env {
         }
     }
 
+    /// A second (third, ...) disk of the VM beside `sys.vhdx`: 1 MiB blocks, `writes` applied.
+    pub fn add_disk(&self, name: &str, size: u64, writes: &[(u64, Vec<u8>)]) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let copts = CreateOptions {
+            block_size: Some(MIB as u32),
+            ..CreateOptions::new(DiskFormat::Vhdx, size)
+        };
+        let mut d = vdisk::create(&path, &copts).unwrap();
+        for (offset, data) in writes {
+            d.write_at(data, *offset).unwrap();
+        }
+        d.flush().unwrap();
+        path
+    }
+
     pub fn write_disk(&self, offset: u64, data: &[u8]) {
+        self.write_disk_at(&self.disk, offset, data)
+    }
+
+    pub fn write_disk_at(&self, disk: &Path, offset: u64, data: &[u8]) {
         let mut d = vdisk::open_mut(
-            &self.disk,
+            disk,
             &OpenOptions {
                 writable: true,
                 ..OpenOptions::default()
@@ -81,16 +100,26 @@ impl Env {
 
     /// The backed-up disk of a snapshot, read back whole through the repository.
     pub fn snapshot_disk_bytes(&self, snap: &Snapshot) -> Vec<u8> {
+        self.snapshot_disk_bytes_at(snap, 0)
+    }
+
+    /// Disk `i` of a snapshot, read back whole through the repository.
+    pub fn snapshot_disk_bytes_at(&self, snap: &Snapshot, i: usize) -> Vec<u8> {
         let index = self.repo.load_index().unwrap();
-        let d = repo::restore::SnapshotDisk::open(&self.repo, &index, &snap.disks[0]).unwrap();
+        let d = repo::restore::SnapshotDisk::open(&self.repo, &index, &snap.disks[i]).unwrap();
         let mut buf = vec![0u8; d.info().virtual_size as usize];
         d.read_at(&mut buf, 0).unwrap();
         buf
     }
 
     pub fn disk_bytes(&self) -> Vec<u8> {
-        let d = vdisk::open(&self.disk, &OpenOptions::default()).unwrap();
-        let mut buf = vec![0u8; DISK_SIZE as usize];
+        self.disk_bytes_of(&self.disk)
+    }
+
+    /// The guest view of one of the VM's disks, read whole.
+    pub fn disk_bytes_of(&self, disk: &Path) -> Vec<u8> {
+        let d = vdisk::open(disk, &OpenOptions::default()).unwrap();
+        let mut buf = vec![0u8; d.info().virtual_size as usize];
         d.read_at(&mut buf, 0).unwrap();
         buf
     }
