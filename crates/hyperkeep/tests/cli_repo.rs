@@ -118,6 +118,19 @@ fn qemu_img(args: &[&str]) -> Output {
 }
 
 /// Every file under `dir` with its content: a repository "before" to compare with "after".
+/// `qemu-img compare`: the two images show the same guest view.
+fn assert_same_view(a_format: &str, a: &Path, b_format: &str, b: &Path) {
+    let cmp = qemu_img(&["compare", "-f", a_format, "-F", b_format, s(a), s(b)]);
+    assert!(
+        cmp.status.success(),
+        "qemu-img compare {} {}: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&cmp.stdout),
+        stderr(&cmp)
+    );
+}
+
 fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     let mut out = BTreeMap::new();
     let mut todo = vec![dir.to_path_buf()];
@@ -193,20 +206,7 @@ fn an_xchacha_repository_is_format_version_1_and_round_trips() {
     env.ok(&["backup", "--vm", "web01", s(&vhdx), s(&config)]);
     let target = env.path("restored");
     env.ok(&["restore", "latest", "--target", s(&target), "--to", "raw"]);
-    let cmp = qemu_img(&[
-        "compare",
-        "-f",
-        "vhdx",
-        "-F",
-        "raw",
-        s(&vhdx),
-        s(&target.join("disk.raw")),
-    ]);
-    assert!(
-        cmp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
+    assert_same_view("vhdx", &vhdx, "raw", &target.join("disk.raw"));
     assert_eq!(env.json(&["check", "--read-data"])["clean"], true);
     let o = env.run(&["init", "--encryption", "aes-128-ecb"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
@@ -273,21 +273,7 @@ fn backup_snapshots_restore_round_trip() {
     let r = env.json(&["restore", &id[..6], "--target", s(&target)]);
     assert_eq!(r["snapshot"], id.as_str());
     let restored = target.join("disk.vhdx");
-    let cmp = qemu_img(&[
-        "compare",
-        "-f",
-        "vhdx",
-        "-F",
-        "vhdx",
-        s(&vhdx),
-        s(&restored),
-    ]);
-    assert!(
-        cmp.status.success(),
-        "qemu-img compare: {}{}",
-        String::from_utf8_lossy(&cmp.stdout),
-        stderr(&cmp)
-    );
+    assert_same_view("vhdx", &vhdx, "vhdx", &restored);
     let chk = qemu_img(&["check", "-f", "vhdx", s(&restored)]);
     assert!(
         chk.status.success(),
@@ -313,20 +299,7 @@ fn backup_snapshots_restore_round_trip() {
         "--to",
         "raw",
     ]);
-    let cmp = qemu_img(&[
-        "compare",
-        "-f",
-        "vhdx",
-        "-F",
-        "raw",
-        s(&vhdx),
-        s(&raw_target.join("disk.raw")),
-    ]);
-    assert!(
-        cmp.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cmp.stdout)
-    );
+    assert_same_view("vhdx", &vhdx, "raw", &raw_target.join("disk.raw"));
 
     env.ok(&["check"]);
     let c = env.json(&["check", "--read-data"]);
@@ -374,13 +347,7 @@ fn incremental_backup_and_diff() {
     // qemu-img cannot open VHDX differencing disks: compare with the chain flattened by us.
     let flat = env.path("flat.raw");
     env.ok(&["disk", "convert", s(&child), s(&flat)]);
-    let cmp = qemu_img(&["compare", "-f", "raw", "-F", "vhdx", s(&flat), s(&out)]);
-    assert!(
-        cmp.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&cmp.stdout),
-        stderr(&cmp)
-    );
+    assert_same_view("raw", &flat, "vhdx", &out);
 
     // diff by disk name: the child has a new name, so compare two backups of the same name.
     let third = env.json(&["backup", "--vm", "vm1", s(&vhdx), s(&config)]);
@@ -804,15 +771,7 @@ fn qemu_made_vhd_and_vhdx_round_trip() {
             (restored.clone(), fmt),
             (raw.join(format!("{name}.raw")), "raw"),
         ] {
-            let cmp = qemu_img(&["compare", "-f", fmt, "-F", other_fmt, s(src), s(&other)]);
-            assert!(
-                cmp.status.success(),
-                "{} vs {}: {}{}",
-                src.display(),
-                other.display(),
-                String::from_utf8_lossy(&cmp.stdout),
-                stderr(&cmp)
-            );
+            assert_same_view(fmt, src, other_fmt, &other);
         }
         if fmt == "vpc" {
             continue; // qemu-img has no check for VHD

@@ -11,12 +11,12 @@ mod qemu_jobs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use hypervisor::qemu::{testvm_definition, QemuHypervisor};
+use hypervisor::qemu::QemuHypervisor;
 use hypervisor::strategy::Method;
 use qemu_common::*;
 use qemu_jobs::*;
 use repo::backup::NoProgress;
-use vdisk::{CreateOptions, DiskFormat};
+use vdisk::DiskFormat;
 
 const MIB: u64 = 1 << 20;
 
@@ -66,35 +66,15 @@ fn region(disk: &[u8], at_mib: u64, mib: u64) -> &[u8] {
 
 #[test]
 fn each_disk_of_a_two_disk_qemu_vm_is_backed_up_incrementally() {
-    let assets = testvm_assets();
-    let tmp = tempfile::Builder::new()
-        .prefix("hkq")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let disk = tmp.path().join("disk.vhdx");
-    std::fs::copy(assets.join("disk-template.vhdx"), &disk).unwrap();
-    let data = tmp.path().join("data.vhdx");
-    let copts = CreateOptions {
-        block_size: Some(MIB as u32),
-        ..CreateOptions::new(DiskFormat::Vhdx, 32 * MIB)
-    };
-    drop(vdisk::create(&data, &copts).unwrap());
-    let hv = QemuHypervisor::new(tmp.path().join("run"))
-        .unwrap()
-        .kill_on_drop(true);
-    hv.define(&testvm_definition(
-        VM,
-        &assets,
-        vec![disk.clone(), data.clone()],
-    ))
-    .unwrap();
+    let t = test_vm_with_data_disks(&[32 * MIB]);
+    let (hv, tmp) = (&t.hv, &t.tmp);
     let repo = init_repo(&tmp.path().join("repo"));
-    boot(&hv);
+    boot(hv);
 
     // First backup: full, both disks.
-    guest_fill_data_disk(&hv, 1, 4, 2, 'A');
+    guest_fill_data_disk(hv, 1, 4, 2, 'A');
     let cfg = job(tmp.path(), "mode = \"live\"");
-    let (rep, out) = run_vm_job(&cfg, &hv, &repo, &NoProgress);
+    let (rep, out) = run_vm_job(&cfg, hv, &repo, &NoProgress);
     assert_eq!(rep.exit_code(), 0, "{rep:#?}");
     assert_eq!(out.method, Some(Method::Live));
     let first = out.snapshot.clone().unwrap();
@@ -107,20 +87,20 @@ fn each_disk_of_a_two_disk_qemu_vm_is_backed_up_incrementally() {
     assert!(region(&disks[1], 16, 1).iter().all(|&b| b == 0));
 
     // Second backup: each disk from its own dirty bitmap against the first snapshot.
-    guest_fill_data_disk(&hv, 2, 16, 1, 'B');
-    let (rep, out) = run_vm_job(&cfg, &hv, &repo, &NoProgress);
+    guest_fill_data_disk(hv, 2, 16, 1, 'B');
+    let (rep, out) = run_vm_job(&cfg, hv, &repo, &NoProgress);
     assert_eq!(rep.exit_code(), 0, "{rep:#?}");
     assert!(out.warnings.is_empty(), "{:?}", out.warnings);
     let ct = out.change_tracking.clone().unwrap();
     eprintln!("change tracking: {ct}");
     assert!(
-        ct.contains("disk.vhdx: ") && ct.contains("data.vhdx: ") && ct.contains(&first[..8]),
+        ct.contains("disk.vhdx: ") && ct.contains("data1.vhdx: ") && ct.contains(&first[..8]),
         "{ct}"
     );
     // The data disk's change list is the 1 MiB the guest wrote (dirty-bitmap granularity may
     // round it up a little), not the 3 MiB it holds.
     let data_bytes: u64 = ct
-        .split("data.vhdx: ")
+        .split("data1.vhdx: ")
         .nth(1)
         .and_then(|s| s.split(" bytes").next())
         .and_then(|s| s.rsplit(", ").next())

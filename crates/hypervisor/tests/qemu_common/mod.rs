@@ -169,11 +169,19 @@ pub fn shutdown_and_check_live_disk(
 pub struct TestVm {
     pub tmp: tempfile::TempDir,
     pub disk: PathBuf,
+    /// Blank data disks after the system disk (`test_vm_with_data_disks`).
+    pub data_disks: Vec<PathBuf>,
     pub scratch: PathBuf,
     pub hv: QemuHypervisor,
 }
 
 pub fn test_vm() -> TestVm {
+    test_vm_with_data_disks(&[])
+}
+
+/// The test VM with blank dynamic VHDX data disks (1 MiB blocks) of these sizes after its system
+/// disk: `data1.vhdx`, ... in `TestVm::data_disks`, /dev/vdb, ... in the guest.
+pub fn test_vm_with_data_disks(sizes: &[u64]) -> TestVm {
     let assets = testvm_assets();
     let tmp = tempfile::Builder::new()
         .prefix("hkq")
@@ -181,16 +189,32 @@ pub fn test_vm() -> TestVm {
         .unwrap();
     let disk = tmp.path().join("disk.vhdx");
     std::fs::copy(assets.join("disk-template.vhdx"), &disk).unwrap();
+    let data_disks: Vec<PathBuf> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| {
+            let path = tmp.path().join(format!("data{}.vhdx", i + 1));
+            let opts = vdisk::CreateOptions {
+                block_size: Some(1 << 20),
+                ..vdisk::CreateOptions::new(vdisk::DiskFormat::Vhdx, size)
+            };
+            drop(vdisk::create(&path, &opts).unwrap());
+            path
+        })
+        .collect();
     let scratch = tmp.path().join("scratch");
     std::fs::create_dir(&scratch).unwrap();
     let hv = QemuHypervisor::new(tmp.path().join("run"))
         .unwrap()
         .kill_on_drop(true);
-    hv.define(&testvm_definition(VM, &assets, vec![disk.clone()]))
-        .unwrap();
+    let disks = std::iter::once(disk.clone())
+        .chain(data_disks.iter().cloned())
+        .collect();
+    hv.define(&testvm_definition(VM, &assets, disks)).unwrap();
     TestVm {
         tmp,
         disk,
+        data_disks,
         scratch,
         hv,
     }
