@@ -212,9 +212,10 @@ pub struct BackupArgs {
     #[arg(long = "tag", value_parser = parse_tag, value_name = "KEY=VALUE")]
     pub tags: Vec<(String, String)>,
     /// A differencing disk whose allocated ranges are the change list: only those are read,
-    /// everything else comes from the parent snapshot.
+    /// everything else comes from the parent snapshot. Repeatable, one per disk of the VM (each
+    /// such child must be one of the PATHs).
     #[arg(long, value_name = "CHILD")]
-    pub changes_from: Option<PathBuf>,
+    pub changes_from: Vec<PathBuf>,
     /// Parent snapshot for the incremental (default: the latest snapshot of this VM).
     #[arg(long, value_name = "SNAPSHOT")]
     pub parent: Option<String>,

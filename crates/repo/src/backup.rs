@@ -59,10 +59,12 @@ pub struct BackupOptions {
     pub tags: BTreeMap<String, String>,
     /// Disks (VHDX, VHD; raw when named `.raw`/`.img`) and other files (anything else).
     pub paths: Vec<PathBuf>,
-    /// A differencing disk whose own layer (`MapScope::Layer`: its Data and Zero extents) is the
-    /// list of ranges changed since the parent snapshot. Applies to the backed-up disk with the
-    /// same path, or else to the only disk.
-    pub changes_from: Option<PathBuf>,
+    /// Differencing disks whose own layers (`MapScope::Layer`: their Data and Zero extents) are
+    /// the ranges changed since the parent snapshot, one per disk: each applies to the backed-up
+    /// disk with the same path (a checkpoint's child backed up as the chain's view), or, when it
+    /// is the only one, to the only disk. The parent snapshot's disk is the one with the same
+    /// name or, failing that, the one named like the child's parent file.
+    pub changes_from: Vec<PathBuf>,
     /// Changed `(offset, length)` byte ranges since the parent snapshot, for the only disk.
     pub changed_ranges: Option<Vec<(u64, u64)>>,
     /// Changed ranges of several disks, each named by its path exactly as given in `paths`
@@ -283,9 +285,15 @@ fn touched_chunks(ranges: &[(u64, u64)], chunk_size: u64, count: u64) -> Vec<(u6
     merged
 }
 
-/// The ranges a differencing disk's own layer holds (Data and Zero extents: both change what
-/// the guest sees), which is what changed since its parent was current.
-fn layer_ranges(path: &Path, virtual_size: u64) -> Result<Vec<(u64, u64)>> {
+/// What a differencing disk says changed: the ranges its own layer holds (Data and Zero
+/// extents: both change what the guest sees), which is what changed since its parent was
+/// current; and the file name of that parent, if it has one.
+struct LayerChanges {
+    ranges: Vec<(u64, u64)>,
+    parent_name: Option<String>,
+}
+
+fn layer_ranges(path: &Path, virtual_size: u64) -> Result<LayerChanges> {
     let child = vdisk::open(path, &OpenOptions::default()).map_err(|e| {
         Error::InvalidArgument(format!(
             "cannot open the change list disk {}: {e}",
@@ -313,7 +321,15 @@ fn layer_ranges(path: &Path, virtual_size: u64) -> Result<Vec<(u64, u64)>> {
         }
         pos += len;
     }
-    Ok(out)
+    let parent_name = child
+        .info()
+        .parent
+        .and_then(|p| p.path)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    Ok(LayerChanges {
+        ranges: out,
+        parent_name,
+    })
 }
 
 /// Chunks of `[first, end)` that hold data in the disk's view, ascending.
@@ -528,12 +544,20 @@ struct Plan {
 fn parent_disk<'s>(
     candidates: &'s [(String, Snapshot)],
     src: &Source,
+    parent_name: Option<&str>,
     single_disk: bool,
     chunk_size: u32,
 ) -> Option<(&'s str, &'s DiskEntry)> {
     let fits = |d: &DiskEntry| d.virtual_size == src.size && d.chunk_size == chunk_size;
     for (id, snap) in candidates {
-        if let Some(d) = snap.disks.iter().find(|d| d.name == src.name) {
+        // The same name; or, for a new differencing child, its parent's name (the disk the
+        // child was taken of, as the parent snapshot knows it).
+        let found = snap.disks.iter().find(|d| d.name == src.name).or_else(|| {
+            snap.disks
+                .iter()
+                .find(|d| Some(d.name.as_str()) == parent_name)
+        });
+        if let Some(d) = found {
             if fits(d) {
                 return Some((id, d));
             }
@@ -600,7 +624,7 @@ pub fn backup(
 
     // The change lists, by the index of the disk they belong to.
     let mut change: HashMap<usize, Vec<(u64, u64)>> = HashMap::new();
-    let change_sources = usize::from(opts.changes_from.is_some())
+    let change_sources = usize::from(!opts.changes_from.is_empty())
         + usize::from(opts.changed_ranges.is_some())
         + usize::from(!opts.disk_changes.is_empty());
     if change_sources > 1 {
@@ -620,7 +644,11 @@ pub fn backup(
             ))),
         }
     };
-    if let Some(cf) = &opts.changes_from {
+    // For a disk whose change list is a differencing child: the file name of the child's
+    // parent, which is what the parent snapshot calls that disk when the child is new.
+    let mut parent_names: HashMap<usize, String> = HashMap::new();
+    let several = opts.changes_from.len() > 1;
+    for cf in &opts.changes_from {
         let canon = std::fs::canonicalize(cf)
             .map_err(|e| Error::io(format!("change list disk {}", cf.display()), e))?;
         let target = sources
@@ -629,10 +657,32 @@ pub fn backup(
                 s.is_disk() && std::fs::canonicalize(&s.path).ok().as_deref() == Some(&canon)
             })
             .map(Ok)
-            .unwrap_or_else(only_disk)?;
-        let ranges = layer_ranges(cf, sources[target].size)?;
-        change.insert(target, ranges);
-    } else if let Some(r) = &opts.changed_ranges {
+            .unwrap_or_else(|| {
+                if several {
+                    Err(Error::InvalidArgument(format!(
+                        "the change list disk {} is not one of the disks backed up; with several \
+                         change lists, back up each differencing disk that gives one",
+                        cf.display()
+                    )))
+                } else {
+                    only_disk()
+                }
+            })?;
+        let LayerChanges {
+            ranges,
+            parent_name,
+        } = layer_ranges(cf, sources[target].size)?;
+        if change.insert(target, ranges).is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "two change lists describe the disk {}",
+                sources[target].path.display()
+            )));
+        }
+        if let Some(name) = parent_name {
+            parent_names.insert(target, name);
+        }
+    }
+    if let Some(r) = &opts.changed_ranges {
         change.insert(only_disk()?, r.clone());
     }
     for (path, ranges) in &opts.disk_changes {
@@ -687,7 +737,13 @@ pub fn backup(
             SourceKind::Disk { disk, .. } => {
                 let incremental = match change.get(&i) {
                     Some(ranges) => {
-                        match parent_disk(&candidates, src, disk_count == 1, chunk_size32) {
+                        match parent_disk(
+                            &candidates,
+                            src,
+                            parent_names.get(&i).map(String::as_str),
+                            disk_count == 1,
+                            chunk_size32,
+                        ) {
                             Some((pid, pdisk)) => Some((pid, pdisk, ranges)),
                             None => {
                                 tracing::warn!(

@@ -51,7 +51,7 @@ fn differencing_disk_change_list_reads_only_changed_chunks() {
         );
     }
     let mut o = opts("vm", &[&child]);
-    o.changes_from = Some(child.clone());
+    o.changes_from = vec![child.clone()];
     let (id2, snap2) = backup(&repo, &o, &NoProgress).unwrap();
     assert_eq!(snap2.parent.as_deref(), Some(id1.as_str()));
     assert_eq!(
@@ -214,6 +214,72 @@ fn per_disk_change_lists_for_a_vm_with_two_disks() {
     o.changed_ranges = Some(vec![(0, 1)]);
     let e = backup(&repo, &o, &NoProgress).unwrap_err().to_string();
     assert!(e.contains("one kind of change list"), "{e}");
+}
+
+#[test]
+fn checkpoint_children_of_two_disks_are_each_a_change_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a.vhdx");
+    let b = tmp.path().join("b.vhdx");
+    hk_disk(
+        &a,
+        DiskFormat::Vhdx,
+        16 * MIB,
+        Some(MIB as u32),
+        &[(0x11, 0, 5 * MIB)],
+    );
+    hk_disk(
+        &b,
+        DiskFormat::Vhdx,
+        16 * MIB,
+        Some(MIB as u32),
+        &[(0x12, 8 * MIB, 6 * MIB)],
+    );
+    let repo = new_repo(tmp.path());
+    let (id1, _) = backup(&repo, &opts("vm", &[&a, &b]), &NoProgress).unwrap();
+
+    // Round 1: a checkpoint of each disk; the children hold what changed. The snapshot knows
+    // the disks as a.vhdx and b.vhdx: each child's parent file name finds its table.
+    let child = |parent: &Path, name: &str, writes: &[(u8, u64, u64)]| {
+        let path = tmp.path().join(name);
+        let mut c = vdisk::create_child(parent, &path).unwrap();
+        write_patterns(&mut *c, writes);
+        path
+    };
+    let a1 = child(&a, "a_cp1.avhdx", &[(0x21, 3 * MIB + 5, 100)]);
+    let b1 = child(
+        &b,
+        "b_cp1.avhdx",
+        &[(0x22, 9 * MIB, 2 * MIB), (0x23, MIB, 10)],
+    );
+    let mut o = opts("vm", &[&a1, &b1]);
+    o.changes_from = vec![b1.clone(), a1.clone()];
+    let (id2, snap2) = backup(&repo, &o, &NoProgress).unwrap();
+    assert_eq!(snap2.parent.as_deref(), Some(id1.as_str()));
+    assert_eq!(snap2.summary.bytes_read, 4 * MIB, "{:?}", snap2.summary);
+
+    // Round 2: checkpoints of the checkpoints; now the parent snapshot knows the disks by the
+    // first children's names.
+    let a2 = child(&a1, "a_cp2.avhdx", &[(0x31, 15 * MIB, 10)]);
+    let b2 = child(&b1, "b_cp2.avhdx", &[(0x32, 0, 10)]);
+    let mut o = opts("vm", &[&a2, &b2]);
+    o.changes_from = vec![a2.clone(), b2.clone()];
+    let (id3, snap3) = backup(&repo, &o, &NoProgress).unwrap();
+    assert_eq!(snap3.parent.as_deref(), Some(id2.as_str()));
+    assert_eq!(snap3.summary.bytes_read, 2 * MIB, "{:?}", snap3.summary);
+    for (id, snap, tops) in [(&id2, &snap2, [&a1, &b1]), (&id3, &snap3, [&a2, &b2])] {
+        let target = tmp.path().join(format!("r-{}", &id[..8]));
+        let r = restore(&repo, id, snap, &target, None, &NoProgress).unwrap();
+        for (disk, top) in r.disks.iter().zip(tops) {
+            assert!(read_view(&disk.path) == read_view(top), "{}", disk.name);
+        }
+    }
+
+    // With several change lists, each must be one of the disks backed up.
+    let mut o = opts("vm", &[&a2, &b2]);
+    o.changes_from = vec![a2.clone(), b1.clone()];
+    let e = backup(&repo, &o, &NoProgress).unwrap_err().to_string();
+    assert!(e.contains("not one of the disks backed up"), "{e}");
 }
 
 #[test]
