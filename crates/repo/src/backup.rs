@@ -67,9 +67,9 @@ pub struct BackupOptions {
     pub changes_from: Vec<PathBuf>,
     /// Changed `(offset, length)` byte ranges since the parent snapshot, for the only disk.
     pub changed_ranges: Option<Vec<(u64, u64)>>,
-    /// Changed ranges of several disks, each named by its path exactly as given in `paths`
-    /// (a VM with several disks, each with its own change tracking). A disk without an entry
-    /// is read in full.
+    /// Changed ranges of several disks, each named by its path as given in `paths` (or another
+    /// path of the same file): a VM with several disks, each with its own change tracking. A
+    /// disk without an entry is read in full.
     pub disk_changes: Vec<(PathBuf, Vec<(u64, u64)>)>,
     /// Parent snapshot spec (id, prefix or `latest`); default: the newest snapshot of the VM.
     pub parent: Option<String>,
@@ -686,10 +686,18 @@ pub fn backup(
         change.insert(only_disk()?, r.clone());
     }
     for (path, ranges) in &opts.disk_changes {
+        // The same path as given, or else the same file (another spelling of its path).
+        let canon = std::fs::canonicalize(path).ok();
         let target = opts
             .paths
             .iter()
             .position(|p| p == path)
+            .or_else(|| {
+                let canon = canon.as_deref()?;
+                sources
+                    .iter()
+                    .position(|s| std::fs::canonicalize(&s.path).ok().as_deref() == Some(canon))
+            })
             .filter(|&i| sources[i].is_disk())
             .ok_or_else(|| {
                 Error::InvalidArgument(format!(

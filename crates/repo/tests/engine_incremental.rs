@@ -192,7 +192,10 @@ fn per_disk_change_lists_for_a_vm_with_two_disks() {
     rewrite(&sys, &[(0x61, 9 * MIB, 10)]);
     rewrite(&data, &[(0x62, 20 * MIB, 10)]);
     let mut o = opts("two", &[&sys, &data]);
-    o.disk_changes = vec![(data.clone(), vec![(20 * MIB, 10)])];
+    // (Named through another path of the same file: a symbolic link.)
+    let link = tmp.path().join("data-link.vhdx");
+    std::os::unix::fs::symlink(&data, &link).unwrap();
+    o.disk_changes = vec![(link, vec![(20 * MIB, 10)])];
     let (id, snap) = backup(&repo, &o, &NoProgress).unwrap();
     assert_eq!(snap.summary.bytes_read, 7 * MIB + MIB, "{:?}", snap.summary);
     let target = tmp.path().join("one");
