@@ -19,7 +19,7 @@
 //! derivation with two AES-256 blocks), then ChaCha20-Poly1305 or AES-256-GCM seals with the rest
 //! of the nonce. The bulk AEAD is `ring`'s (BoringSSL's assembly). Encryption was the largest
 //! cost of a backup beyond reading, hashing and compressing: on the benchmark machine
-//! (`bench/seal.sh`) XAES-256-GCM seals ~6 GiB/s per core and XChaCha20-Poly1305 ~1.9 GiB/s,
+//! (`bench/seal.sh`) XAES-256-GCM seals ~6.1 GiB/s per core and XChaCha20-Poly1305 ~1.9 GiB/s,
 //! against ~1.3 GiB/s for RustCrypto's `chacha20poly1305`. The subkey derivations use
 //! RustCrypto's `chacha20` (`hchacha`) and `aes` block cipher. Only per-object subkeys ever enter
 //! `ring` (whose key schedules are not zeroed on drop); the master key lives in our zeroed
